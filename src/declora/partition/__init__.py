@@ -1,0 +1,132 @@
+"""Partitioners that split a training set's example indices over clients.
+
+Example:
+    >>> import numpy as np
+    >>> from declora.partition import build_partitioner, partition_counts
+    >>> labels = np.random.default_rng(0).integers(0, 2, size=1000)
+    >>> parts = build_partitioner("dirichlet", 4, alpha=0.5, seed=0).split(labels)
+    >>> partition_counts(parts, labels).shape
+    (4, 2)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from declora.partition.base import Partitioner, partition_counts
+from declora.partition.dirichlet import DirichletPartitioner
+from declora.partition.iid import IidPartitioner
+from declora.partition.label_proportions import LabelProportionsPartitioner
+from declora.partition.shards import ShardPartitioner
+
+__all__ = [
+    "PARTITIONERS",
+    "DirichletPartitioner",
+    "IidPartitioner",
+    "LabelProportionsPartitioner",
+    "Partitioner",
+    "ShardPartitioner",
+    "build_partitioner",
+    "partition_counts",
+    "plot_partition",
+]
+
+PARTITIONERS: dict[str, type[Partitioner]] = {
+    "iid": IidPartitioner,
+    "dirichlet": DirichletPartitioner,
+    "label_proportions": LabelProportionsPartitioner,
+    "shards": ShardPartitioner,
+}
+
+
+def build_partitioner(
+    kind: str,
+    num_partitions: int,
+    *,
+    seed: int = 0,
+    alpha: float = 0.5,
+    min_partition_size: int = 10,
+    proportions: list[list[float]] | None = None,
+    shards_per_client: int = 2,
+) -> Partitioner:
+    """Builds the partitioner named by ``partition.kind``; options of other kinds are ignored.
+
+    Args:
+        kind: One of ``PARTITIONERS``: iid, dirichlet, label_proportions, shards.
+        num_partitions: Number of clients (``train.clients``).
+        seed: Partition seed.
+        alpha: Dirichlet concentration (kind=dirichlet).
+        min_partition_size: Fewest examples per client (kind=dirichlet).
+        proportions: Per-client class proportions (kind=label_proportions, required).
+        shards_per_client: Shards per client (kind=shards).
+
+    Returns:
+        A configured :class:`Partitioner`.
+
+    Raises:
+        ValueError: On an unknown ``kind`` or invalid options for it.
+
+    Example:
+        >>> build_partitioner("shards", 10, shards_per_client=2).shards_per_client
+        2
+    """
+    if kind == "iid":
+        return IidPartitioner(num_partitions, seed=seed)
+    if kind == "dirichlet":
+        return DirichletPartitioner(num_partitions, alpha, min_partition_size=min_partition_size, seed=seed)
+    if kind == "label_proportions":
+        if proportions is None:
+            raise ValueError(
+                "partition.proportions is required for partition.kind=label_proportions, "
+                "e.g. [[0.15, 0.85], [0.85, 0.15], [0.5, 0.5]]"
+            )
+        return LabelProportionsPartitioner(num_partitions, proportions, seed=seed)
+    if kind == "shards":
+        return ShardPartitioner(num_partitions, shards_per_client=shards_per_client, seed=seed)
+    raise ValueError(f"partition.kind={kind!r} is unknown; choose one of {', '.join(PARTITIONERS)}")
+
+
+def plot_partition(
+    counts: np.ndarray, path: str, label_names: list[str] | None = None, title: str = ""
+) -> None:
+    """Saves a stacked bar chart of per-client label counts (one bar per client).
+
+    Args:
+        counts: (N, C) counts, e.g. from :func:`partition_counts`.
+        path: Output image file; parent directories are created.
+        label_names: One legend name per class; defaults to "class 0", "class 1", ...
+        title: Figure title.
+
+    Example:
+        >>> plot_partition(np.array([[5, 1], [2, 4]]), "/tmp/declora_partition.png", ["neg", "pos"])
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(counts)
+    if counts.ndim != 2:
+        raise ValueError(f"counts must have shape (clients, classes), got {counts.shape}")
+    num_clients, num_classes = counts.shape
+    names = label_names if label_names is not None else [f"class {c}" for c in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"got {len(names)} label_names for {num_classes} classes; give one per class")
+    fig = Figure(figsize=(max(4.0, 0.5 * num_clients + 2.0), 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(num_clients)
+    bottom = np.zeros(num_clients)
+    for c in range(num_classes):
+        ax.bar(x, counts[:, c], bottom=bottom, label=names[c])
+        bottom += counts[:, c]
+    ax.set_xticks(x)
+    ax.set_xlabel("client")
+    ax.set_ylabel("examples")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
