@@ -1,0 +1,7 @@
+"""``python -m declora`` (also what ``torchrun -m declora`` runs)."""
+
+import sys
+
+from declora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""The algorithm strategy: how many models train, how many steps, and what happens between rounds.
+
+An algorithm says *what* is exchanged and *how* it is combined; a :class:`~declora.comm.Communicator`
+moves the tensors. Adding an algorithm = one small subclass + one line in ``ALGORITHMS``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+
+from declora.comm.base import Communicator, State
+from declora.config import TrainConfig
+
+
+class Algorithm(ABC):
+    name: ClassVar[str]
+    uses_graph: ClassVar[bool] = False  # True: the topology's W drives communication
+
+    def workers(self, train: TrainConfig) -> int:
+        """How many separately trained models there are (one per client unless pooled)."""
+        return train.clients
+
+    def steps_per_round(self, train: TrainConfig) -> int:
+        """Local optimizer steps each worker takes per round."""
+        return train.local_steps
+
+    def is_trained(self, name: str) -> bool:
+        """Whether the trainable tensor ``name`` gets gradients (False keeps it at its shared init)."""
+        return True
+
+    @abstractmethod
+    def communicate(
+        self, states: dict[int, State], comm: Communicator, W: np.ndarray
+    ) -> tuple[dict[int, State], int]:
+        """Exchange after the local steps; returns the new local states and the bytes sent."""

