@@ -48,6 +48,19 @@ def _format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
 
 
+def quiet_libraries() -> None:
+    """Silence per-file progress bars and load reports of datasets/transformers (ours stays)."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from declora.config import config_help, load_config
 
@@ -55,6 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(config_help())
         return 0
     cfg = load_config(args.config, args.overrides)
+    quiet_libraries()
     from declora.trainer import run
 
     summary = run(cfg)

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny randomly initialised BERT (2 layers, hidden 32) and small real-data slices."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DECLORA_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _head(src: Path, dst: Path, rows: int) -> None:
+    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+    dst.write_text("".join(lines[: rows + 1]), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def sst2_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 600 train and 120 test rows of the real SST-2 files."""
+    if not (SHARED_DATA / "sst2" / "train.tsv").is_file():
+        pytest.skip(f"shared SST-2 data not found at {SHARED_DATA}/sst2 (set DECLORA_SHARED_DATA)")
+    out = tmp_path_factory.mktemp("sst2")
+    _head(SHARED_DATA / "sst2" / "train.tsv", out / "train.tsv", 600)
+    _head(SHARED_DATA / "sst2" / "test.tsv", out / "test.tsv", 120)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 BERT with random weights and MiniLM's real tokenizer, saved to a folder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from declora.models import resolve_model_path
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_overrides(tiny_bert: Path, sst2_small: Path, tmp_path: Path) -> list[str]:
+    """Overrides for a fast run on the tiny model: 4 clients, ring, 2 rounds x 2 steps of 8."""
+    return [
+        f"model.name_or_path={tiny_bert}",
+        f"data.path={sst2_small}",
+        "train.clients=4",
+        "train.rounds=2",
+        "train.local_steps=2",
+        "train.batch_size=8",
+        "peft.r=4",
+        "progress=false",
+        "plots=false",
+        f"out_dir={tmp_path / 'run'}",
+    ]
