@@ -1,12 +1,11 @@
-"""The simulation communicator: all N clients live in this process; gossip is one matrix product."""
+"""The simulation communicator: all N clients live in this process; sending is handing a reference."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from declora.comm.base import Communicator, State
-from declora.mixing import average_states, mix_states
-from declora.models import state_bytes
+from declora.comm.base import Communicator, Message, State, message_bytes, neighbors
+from declora.mixing import average_states
 
 
 class InProcessCommunicator(Communicator):
@@ -20,18 +19,13 @@ class InProcessCommunicator(Communicator):
         self.num_clients = num_clients
         self.local_clients = list(range(num_clients))
 
-    def gossip(self, states: dict[int, State], W: np.ndarray) -> tuple[dict[int, State], int]:
-        order = sorted(states)
-        mixed = mix_states(W, [states[i] for i in order])
-        degrees = ((W > 0).sum(axis=1) - (np.diag(W) > 0)).astype(int)
-        sent = sum(int(degrees[i]) * state_bytes(states[i]) for i in order)
-        return dict(zip(order, mixed, strict=True)), sent
+    def exchange(self, messages: dict[int, Message], W: np.ndarray) -> dict[int, dict[int, Message]]:
+        return {i: {j: messages[j] for j in neighbors(W, i)} for i in messages}
 
     def average(self, states: dict[int, State]) -> tuple[State, int]:
         # Each client uploads once to a server (N messages); the download is not counted, as in FedAvg.
-        return average_states([states[i] for i in sorted(states)]), sum(
-            state_bytes(s) for s in states.values()
-        )
+        mean = average_states([states[i] for i in sorted(states)])
+        return mean, sum(message_bytes(s) for s in states.values())
 
     def gather(self, values: dict[int, float]) -> dict[int, float]:
         return dict(values)
