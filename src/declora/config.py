@@ -72,7 +72,7 @@ class PeftConfig:
         None, "Module names that get adapters; null = peft's default for the architecture."
     )
     modules_to_save: list[str] | None = _f(
-        None, "Extra fully-trained modules; null = peft's default (the classification head for seq_cls)."
+        None, "Fully trained (and gossiped) modules; null = the task head: classifier (+ pooler for BERT)."
     )
 
     def __post_init__(self) -> None:
@@ -183,7 +183,7 @@ class EvalConfig:
     every: int = _f(1, "Evaluate every this many rounds (the last round is always evaluated).")
     clients: bool = _f(True, "Also evaluate every client's own model (mean/min/max accuracy).")
     client_max_examples: int | None = _f(
-        None, "Evaluate clients on a fixed subset of the held-out set (speed); null = all of it."
+        200, "Evaluate clients on a fixed subset of the held-out set (speed); null = all of it."
     )
     batch_size: int = _f(128, "Examples per evaluation batch.")
 
