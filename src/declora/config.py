@@ -64,7 +64,11 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = _f("lora", "PEFT method; names as in peft.")
+    method: str = _f(
+        "lora",
+        "lora, prompt_tuning, prefix_tuning, p_tuning (peft PromptEncoder), ia3, or head_only (no adapter: "
+        "only the task head is trained). Whatever is trainable is what clients gossip.",
+    )
     r: int = _f(16, "LoRA rank (peft LoraConfig.r).")
     lora_alpha: float = _f(16.0, "LoRA scaling numerator: the update is (lora_alpha / r) * B A.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input (peft LoraConfig.lora_dropout).")
@@ -74,9 +78,34 @@ class PeftConfig:
     modules_to_save: list[str] | None = _f(
         None, "Fully trained (and gossiped) modules; null = the task head: classifier (+ pooler for BERT)."
     )
+    num_virtual_tokens: int = _f(20, "Virtual tokens of prompt_tuning, prefix_tuning and p_tuning.")
+    prompt_tuning_init: str = _f(
+        "RANDOM", "prompt_tuning: RANDOM, or TEXT (initialise the prompt from prompt_tuning_init_text)."
+    )
+    prompt_tuning_init_text: str | None = _f(None, "prompt_tuning with prompt_tuning_init=TEXT: the text.")
+    encoder_hidden_size: int | None = _f(
+        None, "Hidden size of p_tuning's prompt encoder (and of prefix_projection); null = the model's."
+    )
+    encoder_reparameterization_type: str = _f("MLP", "p_tuning's prompt encoder: MLP or LSTM.")
+    prefix_projection: bool = _f(False, "prefix_tuning: reparameterise the prefix through an MLP.")
+    feedforward_modules: list[str] | None = _f(
+        None, "ia3: target modules scaled on their input (feed-forward); null = peft's default."
+    )
 
     def __post_init__(self) -> None:
-        _choice("peft.method", self.method, ("lora",))
+        _choice(
+            "peft.method",
+            self.method,
+            ("lora", "prompt_tuning", "prefix_tuning", "p_tuning", "ia3", "head_only"),
+        )
+        if self.num_virtual_tokens < 1:
+            raise ConfigError(f"peft.num_virtual_tokens={self.num_virtual_tokens} must be >= 1")
+        _choice("peft.prompt_tuning_init", self.prompt_tuning_init, ("RANDOM", "TEXT"))
+        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
+            raise ConfigError("peft.prompt_tuning_init=TEXT needs peft.prompt_tuning_init_text")
+        _choice("peft.encoder_reparameterization_type", self.encoder_reparameterization_type, ("MLP", "LSTM"))
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
+            raise ConfigError(f"peft.encoder_hidden_size={self.encoder_hidden_size} must be >= 1 or null")
         if self.r < 1:
             raise ConfigError(f"peft.r={self.r} must be >= 1 (the paper uses 2 to 16)")
         _positive("peft.lora_alpha", self.lora_alpha)
@@ -156,7 +185,12 @@ class TopologyConfig:
 
 @dataclass
 class TrainConfig:
-    algorithm: str = _f("dec_lora", "dec_lora, centralized (pooled data, same samples), or local.")
+    algorithm: str = _f(
+        "dec_lora",
+        "dec_lora; dec_ffa_lora (LoRA A frozen at its shared init); dec_decaf (mix products B A, "
+        "re-factor by truncated SVD); fedavg (a server averages); centralized (pooled data, same samples); "
+        "or local.",
+    )
     clients: int = _f(10, "Number of peers N.")
     rounds: int = _f(12, "Communication rounds T.")
     local_steps: int = _f(5, "Local optimizer steps K per round.")
@@ -167,9 +201,23 @@ class TrainConfig:
     momentum: float = _f(0.0, "SGD momentum.")
     max_grad_norm: float | None = _f(None, "Clip each local step's gradient norm; null = no clipping.")
     seed: int = _f(0, "Seeds the adapter init, data order, partition and graph.")
+    clients_per_round: int | None = _f(
+        None, "fedavg: clients sampled (seeded, per round) to train and send; null = all of them."
+    )
 
     def __post_init__(self) -> None:
-        _choice("train.algorithm", self.algorithm, ("dec_lora", "centralized", "local"))
+        _choice(
+            "train.algorithm",
+            self.algorithm,
+            ("dec_lora", "dec_ffa_lora", "dec_decaf", "fedavg", "centralized", "local"),
+        )
+        if self.clients_per_round is not None:
+            if self.algorithm != "fedavg":
+                raise ConfigError("train.clients_per_round applies to train.algorithm=fedavg only; set it to null")
+            if not 1 <= self.clients_per_round <= self.clients:
+                raise ConfigError(
+                    f"train.clients_per_round={self.clients_per_round} must be in 1..train.clients={self.clients}"
+                )
         _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
         for name in ("clients", "rounds", "local_steps", "batch_size"):
             if getattr(self, name) < 1:
@@ -205,6 +253,13 @@ class Config:
     progress: bool = _f(True, "Show a progress bar over rounds.")
     plots: bool = _f(True, "Write plots/ at the end of the run.")
     save_adapters: bool = _f(True, "Save adapters/average and adapters/client_<i> in PEFT format.")
+
+    def __post_init__(self) -> None:
+        if self.train.algorithm in ("dec_ffa_lora", "dec_decaf") and self.peft.method != "lora":
+            raise ConfigError(
+                f"train.algorithm={self.train.algorithm} acts on LoRA factors: set peft.method=lora "
+                f"(or train.algorithm=dec_lora for peft.method={self.peft.method})"
+            )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

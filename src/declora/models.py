@@ -74,8 +74,9 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, num_labels: int, s
     The head (``classifier``) is new and randomly initialised from ``seed``; peft marks it trainable
     through ``modules_to_save`` (its default for sequence classification).
     """
-    from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
+
+    from declora.peft_methods import wrap_model
 
     path = resolve_model_path(model_cfg.name_or_path)
     torch.manual_seed(seed)
@@ -87,18 +88,8 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, num_labels: int, s
         raise ConfigError(f"model.name_or_path={model_cfg.name_or_path}: cannot load ({err})") from None
     if base.config.pad_token_id is None:  # decoder-style models used as classifiers need one
         base.config.pad_token_id = 0
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=peft_cfg.r,
-        lora_alpha=peft_cfg.lora_alpha,
-        lora_dropout=peft_cfg.lora_dropout,
-        target_modules=peft_cfg.target_modules,
-        modules_to_save=default_head(base) if peft_cfg.modules_to_save is None else peft_cfg.modules_to_save,
-    )
-    try:
-        model = get_peft_model(base, lora)
-    except ValueError as err:
-        raise ConfigError(f"peft.target_modules={peft_cfg.target_modules}: {err}") from None
+    head = default_head(base) if peft_cfg.modules_to_save is None else peft_cfg.modules_to_save
+    model = wrap_model(base, peft_cfg, head, tokenizer_path=path)  # peft.method -> peft config
     return model.to(select_device(model_cfg.device))
 
 

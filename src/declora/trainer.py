@@ -36,6 +36,7 @@ from declora.models import (
     trainable_state,
 )
 from declora.partition import build_partitioner, partition_counts
+from declora.peft_methods import save_trainable
 from declora.rundir import RunDir, atomic_write_text
 from declora.topology import Topology
 
@@ -139,9 +140,14 @@ def run(cfg: Config, comm: Communicator | None = None, run_dir: RunDir | None = 
     for round_ in bar:
         # 1. Local steps: each client on its own data, with its own optimizer state.
         t0 = time.perf_counter()
-        losses = {i: c.local_steps(s.model, s.data, steps, round_, s.device) for i, c in clients.items()}
+        active = s.algorithm.participants(round_, tc)  # all clients, unless the algorithm samples
+        losses = {
+            i: c.local_steps(s.model, s.data, steps, round_, s.device) for i, c in clients.items() if i in active
+        }
         # 2. Communication: what is exchanged and how it is combined is the algorithm's business.
-        states, sent = s.algorithm.communicate({i: c.state() for i, c in clients.items()}, comm, W)
+        states, sent = s.algorithm.communicate(
+            {i: c.state() for i, c in clients.items()}, comm, W, participants=active
+        )
         for i, c in clients.items():
             c.set_state(states[i])
         train_s += time.perf_counter() - t0
@@ -200,7 +206,7 @@ def save_adapter(model: nn.Module, state: dict[str, torch.Tensor], path: Any) ->
     load_state(model, state)
     tmp = path.parent / f".{path.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    save_trainable(model, state, tmp)  # peft save_pretrained (head_only: head.safetensors)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
@@ -226,6 +232,7 @@ def finish(
     workers = s.algorithm.workers(tc)
     samples = tc.rounds * s.algorithm.steps_per_round(tc) * tc.batch_size * workers
     best = max(history, key=lambda r: r["accuracy"])
+    trained = {n: t for n, t in s.init.items() if s.algorithm.is_trained(n)}  # what clients train and send
     counts = partition_counts(s.parts, s.data.train.labels, s.data.num_labels)
     summary = {
         "algorithm": tc.algorithm,
@@ -244,8 +251,9 @@ def finish(
         "final_client_accuracy_mean": history[-1]["client_accuracy_mean"],
         "final_consensus_error": history[-1]["consensus_error"],
         "total_bytes_sent": total_bytes,
-        "trainable_params": num_parameters(s.init),
-        "message_bytes": state_bytes(s.init),
+        "trainable_params": num_parameters(trained),
+        "message_bytes": state_bytes(trained),
+        "peft_method": cfg.peft.method,
         "train_examples": len(s.data.train),
         "eval_examples": len(s.data.eval),
         "samples": samples,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from declora.algorithms.base import Algorithm
@@ -15,6 +17,10 @@ class DecLoRA(Algorithm):
     uses_graph = True
 
     def communicate(
-        self, states: dict[int, State], comm: Communicator, W: np.ndarray
+        self,
+        states: dict[int, State],
+        comm: Communicator,
+        W: np.ndarray,
+        participants: Sequence[int] | None = None,
     ) -> tuple[dict[int, State], int]:
         return comm.gossip(states, W)
