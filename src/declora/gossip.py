@@ -1,0 +1,157 @@
+"""Compressed gossip: plain (``X_i <- W_ii X_i + sum_j W_ij Q(X_j)``) and CHOCO-gossip with error feedback.
+
+Both go through :meth:`Communicator.exchange` only, so the in-process simulation and torch.distributed
+run this very code. Neighbours receive what the sender quantized; a client's own copy stays exact.
+
+CHOCO-gossip (Koloskova, Stich and Jaggi, 2019): every client keeps public copies ``x̂`` of itself and
+of its neighbours. Each round client i sends ``q_i = Q(x_i - x̂_i)``; everyone who knows ``x̂_j`` adds
+``q_j`` to it (the sender too, so all copies of ``x̂_j`` agree bit for bit); then
+``x_i <- x_i + gamma * sum_j W_ij (x̂_j - x̂_i)``. The compression error is not thrown away but sent
+again next round (it is what remains in ``x_i - x̂_i``), and with a doubly stochastic W the mean of the
+``x_i`` is preserved exactly, whatever Q does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from declora.comm.base import Communicator, Message, message_bytes, neighbors
+from declora.compress import Quantizer, State
+
+
+def rounding_generator(seed: int, round_: int, client: int) -> torch.Generator:
+    """The stochastic-rounding RNG of one client's message in one round (independent of process layout)."""
+    value = int(np.random.SeedSequence([seed, 0xC0FFEE, round_, client]).generate_state(1)[0])
+    return torch.Generator().manual_seed(value)
+
+
+def _send(comm: Communicator, messages: dict[int, Message], W: np.ndarray) -> tuple[dict[int, dict[int, Message]], int]:
+    received = comm.exchange(messages, W)
+    sent = sum(len(neighbors(W, i)) * message_bytes(messages[i]) for i in messages)
+    return received, sent
+
+
+def compressed_gossip(
+    comm: Communicator,
+    states: dict[int, State],
+    W: np.ndarray,
+    quantizer: Quantizer,
+    generators: dict[int, torch.Generator] | None = None,
+) -> tuple[dict[int, State], int]:
+    """``X_i <- W_ii X_i + sum_{j != i} W_ij Q(X_j)`` for every local client and tensor.
+
+    Sums in float64 over ascending j, self included, exactly as :meth:`Communicator.gossip`, so
+    ``bits=32`` gives the same numbers bit for bit.
+
+    Returns:
+        The mixed local states and the bytes the local clients sent (packed payload).
+    """
+    generators = generators or {}
+    messages = {i: quantizer.encode(s, generators.get(i)) for i, s in states.items()}
+    received, sent = _send(comm, messages, W)
+    mixed: dict[int, State] = {}
+    for i, own in states.items():
+        inbox = {j: quantizer.decode(m, own) for j, m in received[i].items()} | {i: own}
+        mixed[i] = {
+            name: sum(W[i, j] * inbox[j][name].double() for j in sorted(inbox)).to(own[name].dtype) for name in own
+        }
+    return mixed, sent
+
+
+class QuantizedGossip:
+    """Plain compressed gossip as a stateful strategy (the round counter seeds stochastic rounding)."""
+
+    def __init__(self, quantizer: Quantizer, seed: int = 0) -> None:
+        self.quantizer = quantizer
+        self.seed = seed
+        self.rounds = 0
+
+    def __call__(self, comm: Communicator, states: dict[int, State], W: np.ndarray) -> tuple[dict[int, State], int]:
+        self.rounds += 1
+        generators = {i: rounding_generator(self.seed, self.rounds, i) for i in states}
+        return compressed_gossip(comm, states, W, self.quantizer, generators)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"rounds": torch.tensor(self.rounds)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.rounds = int(state["rounds"])
+
+
+class ChocoGossip:
+    """CHOCO-gossip with per-client public copies; the copies are this object's (checkpointable) state.
+
+    Attributes:
+        public: ``public[i][j]`` = local client i's copy of ``x̂_j`` for j in ``{i} ∪ neighbours(i)``
+            (fp32 like the states, zeros before the first round).
+        rounds: gossip steps taken (seeds the stochastic rounding).
+    """
+
+    def __init__(self, quantizer: Quantizer, gamma: float, seed: int = 0) -> None:
+        self.quantizer = quantizer
+        self.gamma = gamma
+        self.seed = seed
+        self.public: dict[int, dict[int, State]] = {}
+        self.rounds = 0
+
+    def __call__(self, comm: Communicator, states: dict[int, State], W: np.ndarray) -> tuple[dict[int, State], int]:
+        """One CHOCO step for every local client; returns the new states and the bytes sent."""
+        self.rounds += 1
+        for i, own in states.items():
+            if i not in self.public:
+                zeros = {name: torch.zeros_like(t) for name, t in own.items()}
+                self.public[i] = {j: {n: z.clone() for n, z in zeros.items()} for j in [i, *neighbors(W, i)]}
+        messages = {
+            i: self.quantizer.encode(
+                {n: own[n] - self.public[i][i][n] for n in own},
+                rounding_generator(self.seed, self.rounds, i),
+            )
+            for i, own in states.items()
+        }
+        received, sent = _send(comm, messages, W)
+        mixed: dict[int, State] = {}
+        for i, own in states.items():
+            inbox = received[i] | {i: messages[i]}  # the sender applies its own q exactly as receivers do
+            copies = self.public[i]
+            for j, message in inbox.items():
+                for name, q in self.quantizer.decode(message, own).items():
+                    copies[j][name] += q
+            mixed[i] = {}
+            for name, x in own.items():
+                mine = copies[i][name].double()
+                pull = sum(W[i, j] * (copies[j][name].double() - mine) for j in sorted(copies) if j != i)
+                mixed[i][name] = (x.double() + self.gamma * pull).to(x.dtype)
+        return mixed, sent
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors for a checkpoint: ``public/<i>/<j>/<name>`` and ``rounds``."""
+        out = {"rounds": torch.tensor(self.rounds)}
+        for i, copies in self.public.items():
+            for j, state in copies.items():
+                out |= {f"public/{i}/{j}/{name}": t.clone() for name, t in state.items()}
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.rounds = int(state["rounds"])
+        self.public = {}
+        for key, t in state.items():
+            if key.startswith("public/"):
+                _, i, j, name = key.split("/", 3)
+                self.public.setdefault(int(i), {}).setdefault(int(j), {})[name] = t.clone()
+
+
+def build_gossip(
+    bits: int = 32,
+    scale: str = "tensor",
+    rounding: str = "nearest",
+    error_feedback: bool = False,
+    consensus_step: float = 1.0,
+    seed: int = 0,
+) -> QuantizedGossip | ChocoGossip | None:
+    """The gossip strategy for the ``comm.*`` options; None = exact gossip (``Communicator.gossip``)."""
+    quantizer = Quantizer(bits, scale, rounding)
+    if error_feedback:
+        return ChocoGossip(quantizer, consensus_step, seed)
+    return None if quantizer.exact else QuantizedGossip(quantizer, seed)
