@@ -53,9 +53,15 @@ class ModelConfig:
     dtype: str = _f("float32", "Weights dtype of the frozen base: float32, bfloat16 or float16.")
     device: str = _f("auto", "auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps.")
     max_length: int = _f(128, "Tokens per example after truncation (batches are padded dynamically).")
+    quantization: str = _f(
+        "none",
+        "Frozen base weights through bitsandbytes (QLoRA-style; adapters and head stay fp32): none, nf4, fp4 "
+        "(4-bit) or int8. Needs `pip install declora[quant]` (bitsandbytes >= 0.48, runs on CPU too).",
+    )
 
     def __post_init__(self) -> None:
         _choice("model.task_type", self.task_type, ("seq_cls",))
+        _choice("model.quantization", self.quantization, ("none", "nf4", "fp4", "int8"))
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"model.device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
@@ -241,6 +247,54 @@ class EvalConfig:
 
 
 @dataclass
+class CommConfig:
+    timeout_s: float = _f(
+        300.0,
+        "runtime=distributed: seconds a rank waits for a peer in any send/receive/collective before it "
+        "stops, naming the missing peer and the round (must exceed a round's local steps + evaluation).",
+    )
+    init_method: str = _f(
+        "env://",
+        "runtime=distributed rendezvous: env:// (torchrun sets MASTER_ADDR/MASTER_PORT), "
+        "tcp://HOST:PORT, or file:///shared/path (RANK and WORLD_SIZE come from the environment).",
+    )
+    backend: str = _f("auto", "runtime=distributed: auto (nccl when the model is on CUDA, else gloo), gloo, nccl.")
+    bits: int = _f(
+        32,
+        "Bits per gossiped value: 32 (exact), 16 (float16), or 8, 4, 2 (symmetric uniform quantization, "
+        "codes packed into bytes; 2 = ternary). Neighbours receive the quantized message; the sender's own "
+        "copy stays exact.",
+    )
+    scale: str = _f("tensor", "Quantization scale (bits <= 8): one per tensor, or one per row of each matrix.")
+    rounding: str = _f(
+        "nearest",
+        "nearest, or stochastic (unbiased, seeded from train.seed). Use nearest with error_feedback: "
+        "stochastic 2-bit is not a contraction and CHOCO diverges with it.",
+    )
+    error_feedback: bool = _f(
+        False,
+        "CHOCO-gossip (Koloskova et al. 2019): send Q(x - x_hat) against public copies x_hat, so compression "
+        "error is re-sent instead of lost; the clients' mean is preserved exactly.",
+    )
+    consensus_step: float = _f(
+        1.0,
+        "CHOCO's gamma in (0, 1]: x_i += gamma * sum_j W_ij (x_hat_j - x_hat_i). 1.0 = plain gossip when "
+        "nothing is lost; lower it (e.g. 0.5) if 2-bit gossip oscillates.",
+    )
+
+    def __post_init__(self) -> None:
+        _choice("comm.bits", self.bits, (32, 16, 8, 4, 2))
+        _choice("comm.scale", self.scale, ("tensor", "row"))
+        _choice("comm.rounding", self.rounding, ("nearest", "stochastic"))
+        if not 0.0 < self.consensus_step <= 1.0:
+            raise ConfigError(f"comm.consensus_step={self.consensus_step} must be in (0, 1]")
+        _positive("comm.timeout_s", self.timeout_s)
+        _choice("comm.backend", self.backend, ("auto", "gloo", "nccl"))
+        if not self.init_method.startswith(("env://", "tcp://", "file://")):
+            raise ConfigError(f"comm.init_method={self.init_method!r}: use env://, tcp://HOST:PORT or file:///PATH")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
@@ -253,8 +307,32 @@ class Config:
     progress: bool = _f(True, "Show a progress bar over rounds.")
     plots: bool = _f(True, "Write plots/ at the end of the run.")
     save_adapters: bool = _f(True, "Save adapters/average and adapters/client_<i> in PEFT format.")
+    comm: CommConfig = field(default_factory=CommConfig)
+    runtime: str = _f(
+        "simulation",
+        "simulation: all clients in this process; distributed: one process per client over torch.distributed "
+        "(torchrun --nproc-per-node N -m declora train runtime=distributed ..., or declora launch).",
+    )
+    checkpoint_every: int = _f(
+        1, "Checkpoint every client's adapter, optimizer and data position every this many rounds; 0 = never."
+    )
+    resume: str | None = _f(
+        None,
+        "Run directory to continue from its last complete checkpoint (its config.yaml is the base; "
+        "overrides may raise train.rounds); null = start afresh.",
+    )
 
     def __post_init__(self) -> None:
+        _choice("runtime", self.runtime, ("simulation", "distributed"))
+        if (self.comm.bits != 32 or self.comm.error_feedback) and self.train.algorithm != "dec_lora":
+            raise ConfigError(
+                f"comm.bits/comm.error_feedback compress dec_lora's gossip; train.algorithm={self.train.algorithm} "
+                "sends exact messages: set comm.bits=32 comm.error_feedback=false"
+            )
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = never)")
+        if self.resume is not None and not (Path(self.resume) / "config.yaml").is_file():
+            raise ConfigError(f"resume={self.resume}: not a run directory (no config.yaml); give an earlier out_dir")
         if self.train.algorithm in ("dec_ffa_lora", "dec_decaf") and self.peft.method != "lora":
             raise ConfigError(
                 f"train.algorithm={self.train.algorithm} acts on LoRA factors: set peft.method=lora "
@@ -264,6 +342,9 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a validated :class:`Config` from defaults, an optional YAML file and dotted overrides.
+
+    With ``resume=RUN_DIR``, ``RUN_DIR/config.yaml`` is the base under ``path`` and ``overrides``, and
+    ``out_dir`` is ``RUN_DIR``.
 
     Args:
         path: YAML file whose keys mirror :class:`Config` (unknown keys are errors).
@@ -284,6 +365,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"override {item!r} must look like key=value, e.g. train.clients=10")
         layers.append(OmegaConf.from_dotlist(list(overrides or [])))
         merged = OmegaConf.merge(*layers)
+        saved = Path(merged.resume or "") / "config.yaml"
+        if merged.resume is not None and saved.is_file():  # continue a run: its config is the base layer
+            merged = OmegaConf.merge(schema, OmegaConf.load(saved), *layers[1:])
+            merged.out_dir = merged.resume  # and it continues in its own directory
         return OmegaConf.to_object(merged)  # type: ignore[return-value]  # runs every __post_init__
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from None

@@ -77,12 +77,20 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, num_labels: int, s
     from transformers import AutoModelForSequenceClassification
 
     from declora.peft_methods import wrap_model
+    from declora.quant import bnb_config, quiet_bitsandbytes
 
     path = resolve_model_path(model_cfg.name_or_path)
+    device = select_device(model_cfg.device)
+    quant = bnb_config(model_cfg, keep=peft_cfg.modules_to_save or ())  # None unless model.quantization
+    if quant is not None:
+        quiet_bitsandbytes()
     torch.manual_seed(seed)
     try:
         base = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=_DTYPES[model_cfg.dtype]
+            path,
+            num_labels=num_labels,
+            dtype=_DTYPES[model_cfg.dtype],
+            **({} if quant is None else {"quantization_config": quant, "device_map": {"": device}}),
         )
     except OSError as err:
         raise ConfigError(f"model.name_or_path={model_cfg.name_or_path}: cannot load ({err})") from None
@@ -90,7 +98,7 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, num_labels: int, s
         base.config.pad_token_id = 0
     head = default_head(base) if peft_cfg.modules_to_save is None else peft_cfg.modules_to_save
     model = wrap_model(base, peft_cfg, head, tokenizer_path=path)  # peft.method -> peft config
-    return model.to(select_device(model_cfg.device))
+    return model.to(device)
 
 
 def default_head(model: nn.Module) -> list[str]:

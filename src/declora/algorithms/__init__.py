@@ -7,15 +7,19 @@ from declora.algorithms.dec_ffa_lora import DecFFALoRA
 from declora.algorithms.dec_lora import DecLoRA
 from declora.algorithms.fedavg import FedAvg
 from declora.algorithms.local import LocalOnly
+from declora.config import Config
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (DecLoRA, DecFFALoRA, DecDeCAF, FedAvg, Centralized, LocalOnly)
 }
 
 
-def build_algorithm(name: str) -> Algorithm:
-    """The strategy for ``train.algorithm=name``."""
-    return ALGORITHMS[name]()
+def build_algorithm(name: str, cfg: Config | None = None) -> Algorithm:
+    """The strategy for ``train.algorithm=name``, configured from ``cfg`` when given."""
+    algorithm = ALGORITHMS[name]()
+    if cfg is not None:
+        algorithm.configure(cfg)
+    return algorithm
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "build_algorithm"]

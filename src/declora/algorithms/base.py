@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from declora.comm.base import Communicator, State
-from declora.config import TrainConfig
+from declora.config import Config, TrainConfig
 
 
 class Algorithm(ABC):
     name: ClassVar[str]
     uses_graph: ClassVar[bool] = False  # True: the topology's W drives communication
+
+    def configure(self, cfg: Config) -> None:  # noqa: B027 - nothing to read by default
+        """Read the options the strategy needs (e.g. ``cfg.comm``); called once, before round 1."""
 
     def workers(self, train: TrainConfig) -> int:
         """How many separately trained models there are (one per client unless pooled)."""
@@ -39,6 +42,14 @@ class Algorithm(ABC):
         round, so every process computes the same list.
         """
         return list(range(self.workers(train)))
+
+    def state_dict(self) -> dict[str, Any]:
+        """State the algorithm keeps between rounds for this process's clients (e.g. CHOCO's public
+        copies, error-feedback residuals), saved in every checkpoint; empty for stateless algorithms."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - stateless by default
+        """Restore what :meth:`state_dict` returned (on resume, before the first resumed round)."""
 
     @abstractmethod
     def communicate(

@@ -1,13 +1,21 @@
-"""Dec-LoRA (Ghiasvand et al., 2025): gossip every trainable tensor, A and B mixed separately."""
+"""Dec-LoRA (Ghiasvand et al., 2025): gossip every trainable tensor, A and B mixed separately.
+
+With ``comm.bits < 32`` the messages are quantized (:mod:`declora.compress`), and with
+``comm.error_feedback`` the gossip is CHOCO's (:mod:`declora.gossip`); its public copies are this
+strategy's :meth:`state_dict`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from declora.algorithms.base import Algorithm
 from declora.comm.base import Communicator, State
+from declora.config import Config
+from declora.gossip import ChocoGossip, QuantizedGossip, build_gossip
 
 
 class DecLoRA(Algorithm):
@@ -15,6 +23,20 @@ class DecLoRA(Algorithm):
 
     name = "dec_lora"
     uses_graph = True
+    gossip: QuantizedGossip | ChocoGossip | None = None  # None: exact gossip
+
+    def configure(self, cfg: Config) -> None:
+        c = cfg.comm
+        self.gossip = build_gossip(
+            c.bits, c.scale, c.rounding, c.error_feedback, c.consensus_step, seed=cfg.train.seed
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.gossip.state_dict() if self.gossip is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.gossip is not None:
+            self.gossip.load_state_dict(state)
 
     def communicate(
         self,
@@ -23,4 +45,6 @@ class DecLoRA(Algorithm):
         W: np.ndarray,
         participants: Sequence[int] | None = None,
     ) -> tuple[dict[int, State], int]:
-        return comm.gossip(states, W)
+        if self.gossip is None:
+            return comm.gossip(states, W)
+        return self.gossip(comm, states, W)
