@@ -32,11 +32,13 @@ from declora.models import (
     load_tokenizer,
     num_parameters,
     resolve_model_path,
+    select_device,
     state_bytes,
     trainable_state,
 )
 from declora.partition import build_partitioner, partition_counts
 from declora.peft_methods import save_trainable
+from declora.quant import base_model_bytes, check_quantization
 from declora.rundir import RunDir, atomic_write_text
 from declora.topology import Topology
 
@@ -75,8 +77,9 @@ def build_topology(cfg: Config, algorithm: Algorithm) -> Topology | None:
 
 def setup(cfg: Config) -> Setup:
     """Validate and build everything, cheapest checks first, so bad input fails before any training."""
-    algorithm = build_algorithm(cfg.train.algorithm)
+    algorithm = build_algorithm(cfg.train.algorithm, cfg)
     resolve_model_path(cfg.model.name_or_path)  # a bad path fails here, before data is read
+    check_quantization(cfg.model, select_device(cfg.model.device))  # bitsandbytes present and working
     topology = build_topology(cfg, algorithm)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -253,6 +256,7 @@ def finish(
         "total_bytes_sent": total_bytes,
         "trainable_params": num_parameters(trained),
         "message_bytes": state_bytes(trained),
+        "base_model_mb": round(base_model_bytes(s.model, exclude=s.init) / 2**20, 3),
         "peft_method": cfg.peft.method,
         "train_examples": len(s.data.train),
         "eval_examples": len(s.data.eval),
