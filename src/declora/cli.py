@@ -4,6 +4,8 @@ Examples:
     declora train
     declora train --config recipes/default.yaml train.clients=10 topology.kind=ring train.rounds=20
     declora topology ring --clients 8 --mixing metropolis --plot ring.png
+    declora partition label_proportions --clients 3 --proportions '[[0.15,0.85],[0.85,0.15],[0.5,0.5]]'
+    declora compare runs/a runs/b --csv compare.csv --plot compare.png
 """
 
 from __future__ import annotations
@@ -101,6 +103,74 @@ def cmd_topology(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_partition(args: argparse.Namespace) -> int:
+    """Per-client label counts of a split, from the labels alone (no model, no tokenizer)."""
+    import numpy as np
+
+    from declora.config import load_config
+    from declora.data import load_train_labels
+    from declora.partition import build_partitioner, partition_counts, plot_partition
+
+    overrides = [f"partition.kind={args.kind}", f"train.clients={args.clients}", f"data.task={args.task}"]
+    for key, value in (
+        ("partition.alpha", args.alpha),
+        ("partition.min_partition_size", args.min_partition_size),
+        ("partition.proportions", args.proportions),
+        ("partition.shards_per_client", args.shards_per_client),
+        ("data.path", args.data_path),
+        ("data.max_train_examples", args.max_train_examples),
+    ):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(overrides=overrides)  # the same validation as `declora train`
+    import datasets
+
+    datasets.disable_progress_bars()
+    labels, names, source = load_train_labels(cfg.data, seed=args.seed)
+    p = cfg.partition
+    try:
+        parts = build_partitioner(
+            p.kind,
+            args.clients,
+            seed=args.seed,
+            alpha=p.alpha,
+            min_partition_size=p.min_partition_size,
+            proportions=p.proportions,
+            shards_per_client=p.shards_per_client,
+        ).split(labels)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    counts = partition_counts(parts, labels, len(names))
+    print(f"{p.kind} split of {len(labels)} {cfg.data.task} training examples ({source}) over {args.clients} clients")
+    width = max(8, *(len(n) for n in names))
+    print("client  examples  " + "  ".join(f"{n:>{width}}" for n in names) + "  label shares")
+    for i, row in enumerate(counts):
+        shares = " ".join(f"{x:.2f}" for x in row / max(row.sum(), 1))
+        print(f"{i:>6}  {row.sum():>8}  " + "  ".join(f"{c:>{width}}" for c in row) + f"  {shares}")
+    total = counts.sum(0)
+    print(f"{'all':>6}  {total.sum():>8}  " + "  ".join(f"{c:>{width}}" for c in total))
+    if args.json:
+        print(json.dumps({"label_names": names, "partition_counts": np.asarray(counts).tolist()}))
+    if args.plot:
+        plot_partition(counts, args.plot, names, f"{p.kind}, N={args.clients}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from declora.compare import load_run, markdown_table, plot_compare, write_csv
+
+    runs = [load_run(d) for d in args.run_dirs]
+    print(markdown_table(runs))
+    if args.csv:
+        write_csv(runs, args.csv)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        plot_compare(runs, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="declora", description="Decentralized LoRA fine-tuning (Dec-LoRA).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +193,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print degrees, W and gap as JSON")
     p.add_argument("--plot", default=None, help="write a PNG drawing of the graph")
     p.set_defaults(func=cmd_topology)
+
+    p = sub.add_parser("partition", help="print (and draw) the per-client label counts of a split, no training")
+    p.add_argument("kind", help="iid, dirichlet, label_proportions or shards")
+    p.add_argument("--clients", type=int, required=True, help="number of clients N")
+    p.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (kind dirichlet)")
+    p.add_argument("--min-partition-size", type=int, default=None, help="fewest examples per client (dirichlet)")
+    p.add_argument(
+        "--proportions", default=None, help="per-client class proportions as JSON, e.g. '[[0.15,0.85],[0.85,0.15]]'"
+    )
+    p.add_argument("--shards-per-client", type=int, default=None, help="label-sorted shards per client (shards)")
+    p.add_argument("--task", default="sst2", help="sst2, agnews or generic (as data.task)")
+    p.add_argument("--data-path", default=None, help="as data.path (default: ./data/<task>, ../shared/data/<task>)")
+    p.add_argument("--max-train-examples", type=int, default=None, help="as data.max_train_examples")
+    p.add_argument("--seed", type=int, default=0, help="partition seed (train.seed of a run)")
+    p.add_argument("--json", action="store_true", help="also print the counts as JSON")
+    p.add_argument("--plot", default=None, help="write a stacked bar chart (PNG) of the counts")
+    p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("compare", help="one table (Markdown, CSV) and overlaid curves over finished runs")
+    p.add_argument("run_dirs", nargs="+", help="run directories (each with summary.json and metrics.jsonl)")
+    p.add_argument("--csv", default=None, help="also write the table as CSV (raw numbers)")
+    p.add_argument("--plot", default=None, help="write accuracy vs round and vs bytes sent (PNG)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

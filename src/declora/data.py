@@ -195,6 +195,40 @@ def load_task(cfg: DataConfig, tokenizer: Any, max_length: int, seed: int = 0) -
     )
 
 
+def load_train_labels(cfg: DataConfig, seed: int = 0) -> tuple[np.ndarray, list[str], str]:
+    """The training split's labels only (no tokenizer, no model): what a partitioner needs.
+
+    The same file, subset (``data.max_train_examples`` drawn with ``seed``) and label map as
+    :func:`load_task`, so a split drawn from these labels is the split a training run uses.
+
+    Returns:
+        ``(labels, label_names, source)``: int64 labels (n,), class names, where the data came from.
+    """
+    spec = TASKS.get(cfg.task)
+    label_col = cfg.label_column or (spec.label_column if spec else None)
+    if label_col is None:
+        raise ConfigError("data.task=generic needs data.label_column")
+    directory = find_data_dir(cfg)
+    if directory is None and spec is None:
+        raise ConfigError("data.task=generic needs data.path=DIR")
+    if directory is not None:
+        ds, source = _load_local(directory, cfg.train_split), str(directory)
+    else:
+        assert spec is not None
+        ds, source = _load_hub(spec, cfg.train_split), "hub:" + "/".join(p for p in spec.hub_path if p)
+    if label_col not in ds.column_names:
+        raise ConfigError(f"data.label_column={label_col!r} is not a column of the train split {ds.column_names}")
+    ds = _subsample(ds, cfg.max_train_examples, seed)
+    values = ds[label_col]
+    if spec is not None:
+        names = list(spec.label_names)
+    elif isinstance(values[0], str):
+        names = [str(v) for v in sorted(set(values))]
+    else:
+        names = [str(i) for i in range(int(max(values)) + 1)]
+    return _labels(values, names, f"train split of {source}"), names, source
+
+
 def collate(split: TokenizedSplit, indices: np.ndarray, pad_token_id: int, device: torch.device) -> dict:
     """Pad the examples ``indices`` of ``split`` to their longest member.
 
