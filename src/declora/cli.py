@@ -6,12 +6,15 @@ Examples:
     declora topology ring --clients 8 --mixing metropolis --plot ring.png
     declora partition label_proportions --clients 3 --proportions '[[0.15,0.85],[0.85,0.15],[0.5,0.5]]'
     declora compare runs/a runs/b --csv compare.csv --plot compare.png
+    declora launch --clients 4 train.rounds=3        (one process per client, torchrun)
+    declora train ... resume=runs/<run>              (continue from its last complete checkpoint)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -101,6 +104,12 @@ def cmd_topology(args: argparse.Namespace) -> int:
         draw_topology(topo, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from declora.launch import launch
+
+    return launch(args.clients, args.overrides, args.config, dry_run=args.dry_run)
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
@@ -216,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="also write the table as CSV (raw numbers)")
     p.add_argument("--plot", default=None, help="write accuracy vs round and vs bytes sent (PNG)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("launch", help="run `declora train runtime=distributed` in one local process per client")
+    p.add_argument("--clients", type=int, required=True, help="number of processes = train.clients")
+    p.add_argument("--config", help="YAML file (keys as in `declora train --help-config`)")
+    p.add_argument("--dry-run", action="store_true", help="print the torchrun command and exit")
+    p.add_argument("overrides", nargs="*", help="dotted train overrides, e.g. train.rounds=3")
+    p.set_defaults(func=cmd_launch)
     return parser
 
 
@@ -229,6 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("declora: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        from declora.comm.distributed import PeerFailure
+
+        if not isinstance(err, PeerFailure):
+            raise
+        print(f"declora: error: {err}", file=sys.stderr, flush=True)  # one line: who, when, what
+        sys.stdout.flush()
+        os._exit(1)  # not sys.exit: gloo threads still waiting on the dead peer would abort the exit
 
 
 if __name__ == "__main__":

@@ -293,6 +293,9 @@ class CommConfig:
         if not self.init_method.startswith(("env://", "tcp://", "file://")):
             raise ConfigError(f"comm.init_method={self.init_method!r}: use env://, tcp://HOST:PORT or file:///PATH")
 
+    startup_timeout_s: float = _f(
+        1800.0, "runtime=distributed: seconds ranks wait for each other to join and load data and model."
+    )
 
 @dataclass
 class Config:
@@ -324,6 +327,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _choice("runtime", self.runtime, ("simulation", "distributed"))
+        _positive("comm.startup_timeout_s", self.startup_timeout_s)
         if (self.comm.bits != 32 or self.comm.error_feedback) and self.train.algorithm != "dec_lora":
             raise ConfigError(
                 f"comm.bits/comm.error_feedback compress dec_lora's gossip; train.algorithm={self.train.algorithm} "

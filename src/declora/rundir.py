@@ -8,6 +8,8 @@
 <out_dir>/adapters/average/  the averaged adapter (peft save_pretrained)
 <out_dir>/adapters/client_<i>/
 <out_dir>/plots/*.png
+<out_dir>/checkpoints/round_<t>/   rank_<r>.pt + COMPLETE.json (see declora.checkpoint)
+<out_dir>/ranks/rank_<r>/        runtime=distributed: each rank's own metrics.jsonl and summary.json
 ```
 """
 
@@ -74,8 +76,26 @@ class RunDir:
         env = environment() | {"seed": cfg.train.seed}
         atomic_write_text(self.path / "environment.json", json.dumps(env, indent=2) + "\n")
 
-    def start_metrics(self) -> None:
-        self.metrics_path.write_text("")
+    def start_metrics(self, rows: list[dict[str, Any]] | tuple = ()) -> None:
+        """Start ``metrics.jsonl`` afresh, or with the rows of the rounds a resumed run already did."""
+        atomic_write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
+
+    def rank_dir(self, rank: int) -> Path:
+        """``ranks/rank_<r>/``: one process's own metrics and summary under runtime=distributed."""
+        return self.path / "ranks" / f"rank_{rank}"
+
+    def start_rank_metrics(self, rank: int, upto_round: int = 0) -> None:
+        """Start ``ranks/rank_<r>/metrics.jsonl``, keeping the rows of rounds <= ``upto_round`` (resume)."""
+        path = self.rank_dir(rank) / "metrics.jsonl"
+        kept = [r for r in read_metrics(path.parent) if r["round"] <= upto_round] if path.is_file() else []
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+    def append_rank_metrics(self, rank: int, row: dict[str, Any]) -> None:
+        with (self.rank_dir(rank) / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_rank_summary(self, rank: int, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.rank_dir(rank) / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:

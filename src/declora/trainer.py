@@ -5,26 +5,33 @@ for t in 1..T:
     1. every local client takes K optimizer steps on its own data
     2. the algorithm exchanges tensors through the communicator (gossip with W for Dec-LoRA)
     3. evaluate the averaged model (and each client), consensus error, write a metrics row
+    4. checkpoint every client (resume=RUN_DIR continues from the last complete round)
 finish: adapters (PEFT format), summary.json, plots
+
+runtime=simulation runs every client in this process; runtime=distributed runs this same loop in one
+process per client (torchrun), the communicator moving tensors between ranks.
 """
 
 from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from declora import checkpoint
 from declora.algorithms import Algorithm, build_algorithm
+from declora.checkpoint import Progress
 from declora.client import Client
-from declora.comm import Communicator, InProcessCommunicator
+from declora.comm import Communicator, build_communicator
 from declora.config import Config, ConfigError
 from declora.data import BatchStream, TaskData, load_task
 from declora.evaluate import evaluate, length_sorted
+from declora.faults import maybe_fail
 from declora.mixing import squared_distance
 from declora.models import (
     build_model,
@@ -121,26 +128,51 @@ def make_clients(s: Setup, local_ids: list[int]) -> dict[int, Client]:
 
 
 def run(cfg: Config, comm: Communicator | None = None, run_dir: RunDir | None = None) -> dict[str, Any]:
-    """Train with ``cfg``; returns the summary (also written to ``summary.json``)."""
+    """Train with ``cfg``; returns the summary (also written to ``summary.json``).
+
+    Args:
+        comm: the transport; None = from ``cfg.runtime`` (under torch.distributed: join the process
+            group of ``RANK``/``WORLD_SIZE``, this process being client ``RANK``).
+    """
+    checkpoint.check_resumable(cfg)
+    workers = build_algorithm(cfg.train.algorithm).workers(cfg.train)
+    own_comm = comm is None
+    comm = comm or build_communicator(cfg, workers)
+    if cfg.runtime == "distributed" and cfg.out_dir is None:  # every rank must pick the same folder
+        stamp = time.localtime(comm.total(time.time() if comm.rank == 0 else 0.0))
+        cfg = replace(cfg, out_dir=f"runs/{time.strftime('%Y%m%d-%H%M%S', stamp)}-{cfg.train.algorithm}")
     s = setup(cfg)
     tc, ec = cfg.train, cfg.eval
-    workers = s.algorithm.workers(tc)
-    comm = comm or InProcessCommunicator(workers)
     W = s.topology.W if s.topology is not None else np.eye(workers)
     rd = run_dir or RunDir(cfg)
-    rd.write_config(cfg)
-    rd.start_metrics()
     clients = make_clients(s, comm.local_clients)
+    comm.barrier()  # start-up done on every process (distributed: waits up to comm.startup_timeout_s)
+    done = checkpoint.restore(rd.path, clients, s.algorithm, comm, tc.rounds) if cfg.resume else Progress()
+    if comm.rank == 0:  # rank 0 writes the run directory; every rank its own adapters (and ranks/rank_<r>)
+        rd.write_config(cfg)
+        rd.start_metrics(done.history)
+    per_rank = cfg.runtime == "distributed"
+    if per_rank:
+        rd.start_rank_metrics(comm.rank, done.round)
     steps = s.algorithm.steps_per_round(tc)
     avg_idx = length_sorted(s.data)
     client_idx = length_sorted(s.data, ec.client_max_examples)
 
     from tqdm.auto import tqdm
 
-    history: list[dict[str, Any]] = []
-    total_bytes, train_s, start = 0, 0.0, time.perf_counter()
-    bar = tqdm(range(1, tc.rounds + 1), desc=f"{tc.algorithm}", disable=not cfg.progress, unit="round")
+    history: list[dict[str, Any]] = list(done.history)
+    total_bytes, train_s, start = done.total_bytes, done.train_s, time.perf_counter() - done.wall_s
+    bar = tqdm(
+        range(done.round + 1, tc.rounds + 1),
+        desc=f"{tc.algorithm}",
+        disable=not cfg.progress or comm.rank != 0,
+        unit="round",
+        initial=done.round,
+        total=tc.rounds,
+    )
     for round_ in bar:
+        comm.round = round_
+        maybe_fail(comm.local_clients, round_)  # test-only fault injection (DECLORA_FAULT); no-op otherwise
         # 1. Local steps: each client on its own data, with its own optimizer state.
         t0 = time.perf_counter()
         active = s.algorithm.participants(round_, tc)  # all clients, unless the algorithm samples
@@ -156,29 +188,49 @@ def run(cfg: Config, comm: Communicator | None = None, run_dir: RunDir | None = 
         train_s += time.perf_counter() - t0
         sent_all = int(comm.total(sent))
         total_bytes += sent_all
-        if round_ % ec.every and round_ != tc.rounds:
-            continue
-        # 3. Evaluation: the averaged model is the number the paper reports.
-        row = evaluate_round(s, clients, comm, avg_idx, client_idx)
-        row = {"round": round_, "train_loss": float(np.mean(list(comm.gather(losses).values())))} | row
-        row |= {"bytes_sent": sent_all, "wall_s": round(time.perf_counter() - start, 3)}
-        history.append(row)
-        rd.append_metrics(row)
-        bar.set_postfix(
-            loss=f"{row['train_loss']:.3f}",
-            acc=f"{row['accuracy']:.3f}",
-            cons=f"{row['consensus_error']:.2e}",
-        )
+        if round_ % ec.every == 0 or round_ == tc.rounds:
+            # 3. Evaluation: the averaged model is the number the paper reports.
+            local: dict[int, dict[str, Any]] = {}
+            row = evaluate_round(s, clients, comm, avg_idx, client_idx, local)
+            row = {"round": round_, "train_loss": float(np.mean(list(comm.gather(losses).values())))} | row
+            row |= {"bytes_sent": sent_all, "wall_s": round(time.perf_counter() - start, 3)}
+            history.append(row)
+            if comm.rank == 0:
+                rd.append_metrics(row)
+            if per_rank:
+                own = {"round": round_, "rank": comm.rank, "train_loss": losses.get(comm.rank)}
+                own |= local[comm.rank] | {"bytes_sent": sent, "wall_s": row["wall_s"]}
+                rd.append_rank_metrics(comm.rank, own)
+            bar.set_postfix(
+                loss=f"{row['train_loss']:.3f}",
+                acc=f"{row['accuracy']:.3f}",
+                cons=f"{row['consensus_error']:.2e}",
+            )
+        # 4. Checkpoint: each process saves its clients atomically; rank 0 then marks the round complete.
+        if checkpoint.due(cfg, round_):
+            progress = Progress(round_, history, total_bytes, train_s, time.perf_counter() - start)
+            checkpoint.save(rd.path, progress, clients, s.algorithm, comm)
     bar.close()
 
     summary = finish(s, clients, comm, rd, history, total_bytes, train_s, time.perf_counter() - start)
+    if own_comm:
+        comm.close()
     return summary
 
 
 def evaluate_round(
-    s: Setup, clients: dict[int, Client], comm: Communicator, avg_idx: np.ndarray, client_idx: np.ndarray
+    s: Setup,
+    clients: dict[int, Client],
+    comm: Communicator,
+    avg_idx: np.ndarray,
+    client_idx: np.ndarray,
+    local: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Averaged-model accuracy, per-client accuracy (mean/min/max) and the consensus error."""
+    """Averaged-model accuracy, per-client accuracy (mean/min/max) and the consensus error.
+
+    Args:
+        local: if given, filled with each local client's own numbers (``ranks/rank_<r>/metrics.jsonl``).
+    """
     mean, _ = comm.average({i: c.state() for i, c in clients.items()})  # metrics only: not counted
     avg = evaluate(s.model, mean, s.data, avg_idx, s.device, s.cfg.eval.batch_size)
     row: dict[str, Any] = {"accuracy": avg.accuracy, "eval_loss": avg.loss}
@@ -199,6 +251,9 @@ def evaluate_round(
         }
     else:
         row |= {"client_accuracy_mean": None, "client_accuracy_min": None, "client_accuracy_max": None}
+    if local is not None:
+        for i in clients:
+            local[i] = {"client_accuracy": accs[i] if s.cfg.eval.clients else None, "squared_distance": dist[i]}
     return row
 
 
@@ -272,6 +327,10 @@ def finish(
         "seed": tc.seed,
         "run_dir": str(rd.path),
     }
+    if cfg.runtime == "distributed":  # this rank's own wall time, memory and throughput
+        rd.write_rank_summary(comm.rank, summary | {"rank": comm.rank})
+    if comm.rank != 0:
+        return summary
     rd.write_summary(summary)
     if cfg.plots:
         from declora.partition import plot_partition

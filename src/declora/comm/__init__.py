@@ -1,6 +1,24 @@
-"""Communicators: in-process simulation and (later) torch.distributed, behind one interface."""
+"""Communicators: in-process simulation and torch.distributed, behind one interface."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from declora.comm.base import Communicator
 from declora.comm.inprocess import InProcessCommunicator
 
-__all__ = ["Communicator", "InProcessCommunicator"]
+if TYPE_CHECKING:
+    from declora.config import Config
+
+
+def build_communicator(cfg: Config, workers: int) -> Communicator:
+    """``runtime=simulation``: all ``workers`` clients in this process; ``runtime=distributed``: join the
+    torch.distributed process group described by the environment, this process being client ``RANK``."""
+    if cfg.runtime == "distributed":
+        from declora.comm.distributed import DistributedCommunicator
+
+        return DistributedCommunicator.from_env(workers, cfg.comm, cfg.model.device)
+    return InProcessCommunicator(workers)
+
+
+__all__ = ["Communicator", "InProcessCommunicator", "build_communicator"]

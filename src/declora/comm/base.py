@@ -32,6 +32,14 @@ class Communicator(ABC):
 
     num_clients: int
     local_clients: list[int]
+    rank: int = 0  # this process; rank 0 writes the run directory
+    round: int = 0  # the current round, set by the trainer (named in failure messages)
+
+    def barrier(self) -> None:  # noqa: B027 - a no-op unless there are several processes
+        """Wait until every process gets here (nothing to wait for in one process)."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release the transport at the end of a run."""
 
     @abstractmethod
     def exchange(self, messages: dict[int, Message], W: np.ndarray) -> dict[int, dict[int, Message]]:

@@ -1,0 +1,60 @@
+"""Test helper: run ``declora train`` in N local processes, one per rank, with a file:// rendezvous.
+
+Usage: ``python tests/rank_launcher.py N LOGDIR [train args...]``
+
+The heavy imports (torch, transformers, peft, declora) happen once, here; then one child per rank is
+forked (``RANK``/``WORLD_SIZE`` set, stdout+stderr in ``LOGDIR/rank_<r>.log``). Each child's exit
+status and end time go to ``LOGDIR/rank_<r>.rc`` as ``"<status> <unix time>"``. This stands in for
+torchrun on a 2-core test machine where importing the stack four times over costs most of a minute.
+The caller starts it in a new session and kills the whole process group when done.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+import peft  # noqa: F401 - imported before forking, so children start warm
+import transformers  # noqa: F401
+
+import declora.comm.distributed  # noqa: F401
+import declora.trainer  # noqa: F401
+from declora import cli
+
+
+def child(rank: int, world: int, logdir: str, args: list[str]) -> int:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    fd = os.open(os.path.join(logdir, f"rank_{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        return cli.main(["train", *args])
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - report anything, exit non-zero
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def main() -> None:
+    world, logdir, args = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    ranks: dict[int, int] = {}
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(child(rank, world, logdir, args))
+        ranks[pid] = rank
+    while ranks:
+        pid, status = os.wait()
+        rank = ranks.pop(pid)
+        with open(os.path.join(logdir, f"rank_{rank}.rc"), "w") as f:
+            f.write(f"{os.waitstatus_to_exitcode(status)} {time.time()}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""runtime=distributed: one process per client over torch.distributed (gloo, file:// rendezvous).
+
+The multi-process tests fork 4 ranks from one warm launcher (tests/rank_launcher.py) and always kill
+its whole process group at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from declora.comm.distributed import PeerFailure, pack, unpack
+from declora.config import ConfigError, load_config
+from declora.rundir import read_metrics
+from declora.trainer import run
+
+LAUNCHER = Path(__file__).with_name("rank_launcher.py")
+
+
+@dataclass
+class Rank:
+    rc: int | None  # None: still running when the launcher was stopped
+    ended: float | None  # unix time
+    log: str
+
+
+def launch_ranks(world: int, args: list[str], tmp: Path, env: dict[str, str] | None = None,
+                 timeout: float = 150, exits: int | None = None) -> list[Rank]:
+    """Run ``declora train ARGS`` as ``world`` ranks (file:// rendezvous in ``tmp``).
+
+    Returns when ``exits`` ranks (default all) have exited or after ``timeout`` s; then kills the rest.
+    """
+    logs = tmp / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    rdzv = f"comm.init_method=file://{tmp / 'rendezvous'}"
+    full_env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | (env or {})
+    proc = subprocess.Popen([sys.executable, str(LAUNCHER), str(world), str(logs), *args, "runtime=distributed",
+                             rdzv], env=full_env, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if len(list(logs.glob("rank_*.rc"))) >= (exits or world):
+                break
+            time.sleep(0.2)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it forked
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    ranks = []
+    for r in range(world):
+        rc_file, log = logs / f"rank_{r}.rc", logs / f"rank_{r}.log"
+        rc, ended = map(float, rc_file.read_text().split()) if rc_file.is_file() else (None, None)
+        ranks.append(Rank(None if rc is None else int(rc), ended, log.read_text() if log.is_file() else ""))
+    return ranks
+
+
+def _drop_wall(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+
+def assert_rows_close(a: list[dict], b: list[dict]) -> None:
+    a, b = _drop_wall(a), _drop_wall(b)
+    assert [r.keys() for r in a] == [r.keys() for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for k, va in ra.items():
+            if isinstance(va, float):
+                assert va == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["round"], k)
+            else:
+                assert va == rb[k], (ra["round"], k)
+
+
+def simulate(overrides: list[str], *extra: str) -> dict:
+    """The in-process run, on one thread like each rank (so even float reductions match)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(load_config(overrides=[*overrides, *extra]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_pack_unpack_round_trips_mixed_dtypes_bit_for_bit() -> None:
+    gen = torch.Generator().manual_seed(0)
+    message = {
+        "a::codes": torch.randint(0, 255, (3, 5), dtype=torch.uint8, generator=gen),
+        "a::scale": torch.rand(3, 1, generator=gen),
+        "b": torch.randn(4, 2, generator=gen).half(),
+        "c": torch.randn(7, generator=gen, dtype=torch.float64),
+        "d": torch.tensor(3.5),  # 0-d
+    }
+    buffer = pack(message)
+    assert buffer.dtype == torch.uint8
+    assert buffer.numel() == sum(t.numel() * t.element_size() for t in message.values())
+    like = {k: torch.zeros_like(v) for k, v in message.items()}
+    back = unpack(buffer.clone(), like)
+    for k, v in message.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        assert torch.equal(back[k].view(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
+    with pytest.raises(ValueError, match="expected"):
+        unpack(torch.cat([buffer, buffer[:1]]), like)
+
+
+def test_distributed_needs_rank_and_a_matching_world_size(monkeypatch, tiny_overrides: list[str]) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = load_config(overrides=[*tiny_overrides, "runtime=distributed"])
+    with pytest.raises(ConfigError, match="RANK and WORLD_SIZE"):
+        run(cfg)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=3 but the run has 4 clients"):
+        run(cfg)
+
+
+def test_peer_failure_message_is_one_line_naming_peer_and_round() -> None:
+    err = PeerFailure(2, 3, 1, "exchange with neighbour",
+                      "[/x/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:4: Connection reset by peer. "
+                      "This is typically caused by a remote worker hanging")
+    assert str(err) == ("rank 1: peer rank 2 is missing at round 3 "
+                        "(exchange with neighbour: Read error [127.0.0.1]:4: Connection reset by peer.)")
+    assert "rank unknown" in str(PeerFailure(None, 1, 0, "total", "x"))
+
+
+def test_four_process_ring_equals_the_simulation(tiny_overrides: list[str], tmp_path: Path) -> None:
+    sim = simulate(tiny_overrides, f"out_dir={tmp_path / 'sim'}")
+    out = tmp_path / "dist"
+    ranks = launch_ranks(4, [*tiny_overrides, f"out_dir={out}"], tmp_path)
+    assert [r.rc for r in ranks] == [0, 0, 0, 0], "\n".join(r.log[-2000:] for r in ranks)
+
+    assert_rows_close(read_metrics(out), read_metrics(sim["run_dir"]))
+    # every rank's own rows: its own loss, accuracy and consensus term, the sum of which is the global row
+    own = [read_metrics(out / "ranks" / f"rank_{r}") for r in range(4)]
+    for t, row in enumerate(read_metrics(out)):
+        assert [o[t]["rank"] for o in own] == [0, 1, 2, 3]
+        assert np.mean([o[t]["train_loss"] for o in own]) == pytest.approx(row["train_loss"], rel=1e-12)
+        assert np.mean([o[t]["squared_distance"] for o in own]) == pytest.approx(row["consensus_error"], rel=1e-12)
+        assert sum(o[t]["bytes_sent"] for o in own) == row["bytes_sent"]
+    # rank 0 wrote the contract; each rank its own adapter, equal to the simulated client's
+    for name in ("config.yaml", "summary.json", "DONE", "adapters/average/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    for name in ["average"] + [f"client_{i}" for i in range(4)]:
+        ours = load_file(str(out / "adapters" / name / "adapter_model.safetensors"))
+        theirs = load_file(str(Path(sim["run_dir"]) / "adapters" / name / "adapter_model.safetensors"))
+        for key, tensor in theirs.items():
+            torch.testing.assert_close(ours[key], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_killed_rank_makes_its_peers_stop_naming_it_and_resume_finishes_the_run(
+    tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "dist"
+    args = [*tiny_overrides, "train.rounds=3", f"out_dir={out}", "comm.timeout_s=30"]
+    ranks = launch_ranks(4, args, tmp_path / "a", env={"DECLORA_FAULT": "2@2"})
+    assert ranks[2].rc == 17  # the injected crash, at the start of round 2
+    for r in (0, 1, 3):
+        assert ranks[r].rc == 1, ranks[r].log[-2000:]
+        assert "peer rank 2 is missing at round 2" in ranks[r].log
+        assert ranks[r].ended - ranks[2].ended < 30  # within comm.timeout_s of the death
+    errors = [line for line in ranks[1].log.splitlines() if line.startswith("declora: error")]
+    assert len(errors) == 1
+    assert [r["round"] for r in read_metrics(out)] == [1]
+
+    # round 1 is the last complete checkpoint: resuming in 4 processes ends as an uninterrupted run
+    ranks = launch_ranks(4, [f"resume={out}"], tmp_path / "b")
+    assert [r.rc for r in ranks] == [0, 0, 0, 0], "\n".join(r.log[-2000:] for r in ranks)
+    sim = simulate(tiny_overrides, "train.rounds=3", f"out_dir={tmp_path / 'sim'}")
+    assert_rows_close(read_metrics(out), read_metrics(sim["run_dir"]))
+    assert [r["round"] for r in read_metrics(out / "ranks" / "rank_3")] == [1, 2, 3]
+
+
+def test_hung_rank_is_named_after_the_timeout(tiny_overrides: list[str], tmp_path: Path) -> None:
+    args = [*tiny_overrides, f"out_dir={tmp_path / 'dist'}", "comm.timeout_s=4", "checkpoint_every=0"]
+    start = time.time()
+    ranks = launch_ranks(4, args, tmp_path, env={"DECLORA_FAULT": "1@2:hang"}, timeout=120, exits=3)
+    assert ranks[1].rc is None  # still hanging until the launcher's group was killed
+    for r in (0, 2):  # its neighbours on the ring
+        assert ranks[r].rc == 1, ranks[r].log[-2000:]
+        assert "peer rank 1 is missing at round 2" in ranks[r].log
+    assert ranks[3].rc == 1 and "missing at round 2" in ranks[3].log
+    assert max(ranks[r].ended for r in (0, 2, 3)) - start < 100
