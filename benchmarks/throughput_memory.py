@@ -1,0 +1,52 @@
+"""Throughput of dec_lora (10 clients) vs centralized on the same samples, and peak RSS vs clients.
+
+Each configuration runs in its own process (so peak RSS is its own) on the real MiniLM and SST-2,
+and the ratios are computed within this one run. Usage:
+
+    python benchmarks/throughput_memory.py [--rounds 2] [--local-steps 5] [--data ../shared/data/sst2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def run(out: Path, overrides: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "declora", "train", *overrides, f"out_dir={out}"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "summary.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--local-steps", type=int, default=5)
+    ap.add_argument("--data", default="../shared/data/sst2")
+    args = ap.parse_args()
+    common = [
+        f"data.path={args.data}", f"train.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
+        "data.max_eval_examples=64", "eval.clients=false", "progress=false", "plots=false", "save_adapters=false",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        res = {
+            "centralized_10": run(Path(tmp) / "c", [*common, "train.algorithm=centralized", "train.clients=10"]),
+            **{f"dec_lora_{n}": run(Path(tmp) / f"d{n}", [*common, f"train.clients={n}"]) for n in (1, 10, 20)},
+        }
+    print(f"{'run':<16} {'samples':>8} {'samples/s':>10} {'peak RSS MB':>12}")
+    for name, s in res.items():
+        print(f"{name:<16} {s['samples']:>8} {s['samples_per_s']:>10.1f} {s['peak_rss_mb']:>12.1f}")
+    c, d = res["centralized_10"], res["dec_lora_10"]
+    print(f"\nthroughput dec_lora(10) / centralized (same {d['samples']} samples): "
+          f"{d['samples_per_s'] / c['samples_per_s']:.3f}   (target >= 0.9)")
+    for n in (10, 20):
+        ratio = res[f"dec_lora_{n}"]["peak_rss_mb"] / res["dec_lora_1"]["peak_rss_mb"]
+        print(f"peak RSS {n} clients / 1 client: {ratio:.3f}   (target <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()
