@@ -160,6 +160,7 @@ def plot_compare(runs: list[RunRecord], path: str | Path) -> None:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(fig)
@@ -172,6 +173,7 @@ def plot_compare(runs: list[RunRecord], path: str | Path) -> None:
         if sent and sent[-1] > 0:
             by_bytes.plot(sent, acc, marker="o", ms=3, color=line.get_color(), label=label)
     by_round.set(xlabel="round", ylabel="held-out accuracy (averaged model)")
+    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_bytes.set(xlabel="total bytes sent (all clients)", ylabel="held-out accuracy", xscale="log")
     for ax in (by_round, by_bytes):
         ax.grid(alpha=0.3)
