@@ -91,6 +91,21 @@ def simulate(overrides: list[str], *extra: str) -> dict:
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def three_rounds(tiny_bert: Path, sst2_small: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Overrides of a 3-round tiny run on a 4-client ring (module scope: one simulation serves two tests)."""
+    return [
+        f"model.name_or_path={tiny_bert}", f"data.path={sst2_small}", "train.clients=4", "train.rounds=3",
+        "train.local_steps=2", "train.batch_size=8", "peft.r=4", "progress=false", "plots=false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def simulated(three_rounds: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: the same config in one process."""
+    return Path(simulate(three_rounds, f"out_dir={tmp_path_factory.mktemp('sim') / 'run'}")["run_dir"])
+
+
 def test_pack_unpack_round_trips_mixed_dtypes_bit_for_bit() -> None:
     gen = torch.Generator().manual_seed(0)
     message = {
@@ -133,13 +148,12 @@ def test_peer_failure_message_is_one_line_naming_peer_and_round() -> None:
     assert "rank unknown" in str(PeerFailure(None, 1, 0, "total", "x"))
 
 
-def test_four_process_ring_equals_the_simulation(tiny_overrides: list[str], tmp_path: Path) -> None:
-    sim = simulate(tiny_overrides, f"out_dir={tmp_path / 'sim'}")
+def test_four_process_ring_equals_the_simulation(three_rounds: list[str], simulated: Path, tmp_path: Path) -> None:
     out = tmp_path / "dist"
-    ranks = launch_ranks(4, [*tiny_overrides, f"out_dir={out}"], tmp_path)
+    ranks = launch_ranks(4, [*three_rounds, f"out_dir={out}"], tmp_path)
     assert [r.rc for r in ranks] == [0, 0, 0, 0], "\n".join(r.log[-2000:] for r in ranks)
 
-    assert_rows_close(read_metrics(out), read_metrics(sim["run_dir"]))
+    assert_rows_close(read_metrics(out), read_metrics(simulated))
     # every rank's own rows: its own loss, accuracy and consensus term, the sum of which is the global row
     own = [read_metrics(out / "ranks" / f"rank_{r}") for r in range(4)]
     for t, row in enumerate(read_metrics(out)):
@@ -152,16 +166,16 @@ def test_four_process_ring_equals_the_simulation(tiny_overrides: list[str], tmp_
         assert (out / name).is_file(), name
     for name in ["average"] + [f"client_{i}" for i in range(4)]:
         ours = load_file(str(out / "adapters" / name / "adapter_model.safetensors"))
-        theirs = load_file(str(Path(sim["run_dir"]) / "adapters" / name / "adapter_model.safetensors"))
+        theirs = load_file(str(simulated / "adapters" / name / "adapter_model.safetensors"))
         for key, tensor in theirs.items():
             torch.testing.assert_close(ours[key], tensor, rtol=1e-5, atol=1e-7)
 
 
 def test_killed_rank_makes_its_peers_stop_naming_it_and_resume_finishes_the_run(
-    tiny_overrides: list[str], tmp_path: Path
+    three_rounds: list[str], simulated: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "dist"
-    args = [*tiny_overrides, "train.rounds=3", f"out_dir={out}", "comm.timeout_s=30"]
+    args = [*three_rounds, f"out_dir={out}", "comm.timeout_s=30"]
     ranks = launch_ranks(4, args, tmp_path / "a", env={"DECLORA_FAULT": "2@2"})
     assert ranks[2].rc == 17  # the injected crash, at the start of round 2
     for r in (0, 1, 3):
@@ -175,8 +189,7 @@ def test_killed_rank_makes_its_peers_stop_naming_it_and_resume_finishes_the_run(
     # round 1 is the last complete checkpoint: resuming in 4 processes ends as an uninterrupted run
     ranks = launch_ranks(4, [f"resume={out}"], tmp_path / "b")
     assert [r.rc for r in ranks] == [0, 0, 0, 0], "\n".join(r.log[-2000:] for r in ranks)
-    sim = simulate(tiny_overrides, "train.rounds=3", f"out_dir={tmp_path / 'sim'}")
-    assert_rows_close(read_metrics(out), read_metrics(sim["run_dir"]))
+    assert_rows_close(read_metrics(out), read_metrics(simulated))
     assert [r["round"] for r in read_metrics(out / "ranks" / "rank_3")] == [1, 2, 3]
 
 
