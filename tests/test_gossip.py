@@ -187,3 +187,24 @@ def test_build_gossip_picks_the_strategy() -> None:
     assert isinstance(build_gossip(bits=4), QuantizedGossip)
     assert isinstance(build_gossip(bits=32, error_feedback=True), ChocoGossip)
     assert message_bytes(Quantizer(16).encode(client_states(1)[0])) == Quantizer(16).payload_bytes(client_states(1)[0])
+
+
+def test_choco_public_copies_start_from_the_shared_initial_state() -> None:
+    """Clients start equal (x0 = pretrained head + seeded adapter); only their small updates are sent."""
+    topo = Topology.build("ring", 6)
+    x0 = client_states(1, seed=9)[0]
+    x0 = {n: 10 * t for n, t in x0.items()}  # large pretrained weights
+    states = local_steps({i: dict(x0) for i in range(6)}, seed=1)
+    from_zero = ChocoGossip(Quantizer(2), gamma=1.0)
+    from_x0 = ChocoGossip(Quantizer(2), gamma=1.0, reference=x0)
+    a, _ = from_zero(InProcessCommunicator(6), states, topo.W)
+    b, _ = from_x0(InProcessCommunicator(6), states, topo.W)
+    before = consensus_error(list(states.values()))
+    assert consensus_error(list(b.values())) < before  # a 2-bit step already contracts
+    assert consensus_error(list(a.values())) > 5 * before  # from zeros, the first step blows it up (9x)
+    assert all(
+        torch.equal(
+            from_x0.public[0][0][n], x0[n] + from_x0.quantizer.roundtrip({m: states[0][m] - x0[m] for m in x0})[n]
+        )
+        for n in x0
+    )

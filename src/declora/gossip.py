@@ -82,16 +82,21 @@ class QuantizedGossip:
 class ChocoGossip:
     """CHOCO-gossip with per-client public copies; the copies are this object's (checkpointable) state.
 
+    The public copies start at ``reference``, the initial state every client shares (the same seeded
+    adapter and pretrained head), so the first message is already a small update ``Q(x_i - x_0)``;
+    CHOCO's textbook start is zeros (``reference=None``), which costs 2-bit gossip several rounds of
+    catching up with the pretrained head's full weights.
+
     Attributes:
-        public: ``public[i][j]`` = local client i's copy of ``x̂_j`` for j in ``{i} ∪ neighbours(i)``
-            (fp32 like the states, zeros before the first round).
+        public: ``public[i][j]`` = local client i's copy of ``x̂_j`` for j in ``{i} ∪ neighbours(i)``.
         rounds: gossip steps taken (seeds the stochastic rounding).
     """
 
-    def __init__(self, quantizer: Quantizer, gamma: float, seed: int = 0) -> None:
+    def __init__(self, quantizer: Quantizer, gamma: float, seed: int = 0, reference: State | None = None) -> None:
         self.quantizer = quantizer
         self.gamma = gamma
         self.seed = seed
+        self.reference = reference
         self.public: dict[int, dict[int, State]] = {}
         self.rounds = 0
 
@@ -100,8 +105,9 @@ class ChocoGossip:
         self.rounds += 1
         for i, own in states.items():
             if i not in self.public:
-                zeros = {name: torch.zeros_like(t) for name, t in own.items()}
-                self.public[i] = {j: {n: z.clone() for n, z in zeros.items()} for j in [i, *neighbors(W, i)]}
+                ref = self.reference or {}
+                start = {n: ref[n].to(t) if n in ref else torch.zeros_like(t) for n, t in own.items()}
+                self.public[i] = {j: {n: t.clone() for n, t in start.items()} for j in [i, *neighbors(W, i)]}
         messages = {
             i: self.quantizer.encode(
                 {n: own[n] - self.public[i][i][n] for n in own},

@@ -112,6 +112,7 @@ def setup(cfg: Config) -> Setup:
 
     model = build_model(cfg.model, cfg.peft, data.num_labels, seed=cfg.train.seed)
     init = trainable_state(model)  # the same starting adapter and head for every client
+    algorithm.set_initial_state(init)
     model.requires_grad_(False)  # the shared module is frozen: clients hold the trainable copies
     return Setup(cfg, algorithm, topology, data, parts, model, init, next(model.parameters()).device)
 

@@ -23,6 +23,9 @@ class Algorithm(ABC):
     def configure(self, cfg: Config) -> None:  # noqa: B027 - nothing to read by default
         """Read the options the strategy needs (e.g. ``cfg.comm``); called once, before round 1."""
 
+    def set_initial_state(self, init: State) -> None:  # noqa: B027 - nothing to remember by default
+        """The trainable state every client starts from (known to all; e.g. CHOCO's first public copies)."""
+
     def workers(self, train: TrainConfig) -> int:
         """How many separately trained models there are (one per client unless pooled)."""
         return train.clients

@@ -31,6 +31,10 @@ class DecLoRA(Algorithm):
             c.bits, c.scale, c.rounding, c.error_feedback, c.consensus_step, seed=cfg.train.seed
         )
 
+    def set_initial_state(self, init: State) -> None:
+        if isinstance(self.gossip, ChocoGossip):
+            self.gossip.reference = {n: t.detach().clone() for n, t in init.items()}
+
     def state_dict(self) -> dict[str, Any]:
         return self.gossip.state_dict() if self.gossip is not None else {}
 
