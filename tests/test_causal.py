@@ -161,7 +161,10 @@ def test_model_loss_is_the_answer_token_nll(tiny_llama: Path, llama_tokenizer, s
     model = build_model(mcfg, PeftConfig(r=4), 2, seed=0)
     state = trainable_state(model)
     assert state and all("lora_" in n for n in state)  # no head: LoRA only
-    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in state} == {"q_proj", "v_proj"}  # peft's LLaMA default targets
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in state} == {
+        "q_proj",
+        "v_proj",
+    }  # peft's LLaMA default targets
     data = load_causal_task(DataConfig(task="sst2", path=str(sst2_small)), llama_tokenizer, 64)
     idx = np.arange(6)
     loss = float(forward_with(model, state, collate(data.train, idx, data.pad_token_id, torch.device("cpu"))).loss)
@@ -220,6 +223,20 @@ def test_gossip_round_trip_on_a_causal_lm(tiny_llama: Path, sst2_small: Path, tm
     assert res.accuracy == pytest.approx(rows[-1]["accuracy"]) and res.loss == pytest.approx(
         rows[-1]["eval_loss"], rel=1e-4
     )
+    # train.rounds=0: evaluation only, the initial model as round 0
+    zero = run(
+        load_config(overrides=[*overrides, "train.rounds=0", "eval.clients=false", f"out_dir={tmp_path / 'zero'}"])
+    )
+    init = evaluate(s.model, s.init, s.data, length_sorted(s.data), torch.device("cpu"), 16)
+    assert read_metrics(zero["run_dir"]) == [
+        {"round": 0, "train_loss": None, "accuracy": init.accuracy, "eval_loss": pytest.approx(init.loss, rel=1e-5)}
+        | {
+            k: v
+            for k, v in read_metrics(zero["run_dir"])[0].items()
+            if k not in ("round", "train_loss", "accuracy", "eval_loss")
+        }
+    ]
+    assert zero["final_accuracy"] == init.accuracy and zero["total_bytes_sent"] == 0 and zero["samples"] == 0
     assert main(["generate", str(out), "--prompt", "a gorgeous film", "--max-new-tokens", "3"]) == 0
     assert main(["generate", str(out), "--prompt", "x", "--adapter", "client_9"]) == 2
 

@@ -233,7 +233,7 @@ class TrainConfig:
         "or local.",
     )
     clients: int = _f(10, "Number of peers N.")
-    rounds: int = _f(12, "Communication rounds T.")
+    rounds: int = _f(12, "Communication rounds T; 0 = evaluate the initial model only (zero-shot), as round 0.")
     local_steps: int = _f(5, "Local optimizer steps K per round.")
     batch_size: int = _f(32, "Examples per local step (per client).")
     lr: float = _f(1e-3, "Learning rate (the paper's 1e-3).")
@@ -261,8 +261,8 @@ class TrainConfig:
                 )
         _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
         for name in ("clients", "rounds", "local_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+            if getattr(self, name) < (0 if name == "rounds" else 1):
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= {0 if name == 'rounds' else 1}")
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
 

@@ -174,6 +174,11 @@ def run(cfg: Config, comm: Communicator | None = None, run_dir: RunDir | None = 
         initial=done.round,
         total=tc.rounds,
     )
+    if tc.rounds == 0:  # evaluation only: the initial (zero-shot) model, reported as round 0
+        row = {"round": 0, "train_loss": None} | evaluate_round(s, clients, comm, avg_idx, client_idx)
+        history.append(row | {"bytes_sent": 0, "wall_s": round(time.perf_counter() - start, 3)})
+        if comm.rank == 0:
+            rd.append_metrics(history[-1])
     for round_ in bar:
         comm.round = round_
         maybe_fail(comm.local_clients, round_)  # test-only fault injection (DECLORA_FAULT); no-op otherwise
