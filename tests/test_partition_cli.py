@@ -74,3 +74,12 @@ def test_train_runs_on_each_heterogeneous_split(extra: list[str], tiny_overrides
     assert (Path(summary["run_dir"]) / "plots" / "partition.png").is_file()
     if p.kind == "shards":  # one label-sorted shard each: only the shard across the class boundary mixes
         assert ((counts > 0).sum(1) > 1).sum() <= 1
+
+
+def test_centralized_pools_the_union_of_the_clients_split(tiny_overrides: list[str]) -> None:
+    skew = ["partition.kind=label_proportions", "partition.proportions=[[0.15,0.85],[0.85,0.15]]"]
+    cen = run(load_config(overrides=[*tiny_overrides, "train.rounds=1", "train.algorithm=centralized", *skew]))
+    cfg = load_config(overrides=[*tiny_overrides, *skew])
+    labels, _, _ = load_train_labels(cfg.data)
+    parts = build_partitioner("label_proportions", 4, proportions=cfg.partition.proportions).split(labels)
+    assert cen["partition_counts"] == [partition_counts(parts, labels, 2).sum(0).tolist()]

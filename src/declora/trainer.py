@@ -99,7 +99,7 @@ def setup(cfg: Config) -> Setup:
     try:
         partitioner = build_partitioner(
             p.kind,
-            workers,
+            cfg.train.clients,
             seed=cfg.train.seed if p.seed is None else p.seed,
             alpha=p.alpha,
             min_partition_size=p.min_partition_size,
@@ -109,6 +109,8 @@ def setup(cfg: Config) -> Setup:
         parts = partitioner.split(data.train.labels)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if workers < len(parts):  # pooled (centralized): one model on the union of the clients' data
+        parts = [np.sort(np.concatenate(parts))]
 
     model = build_model(cfg.model, cfg.peft, data.num_labels, seed=cfg.train.seed)
     init = trainable_state(model)  # the same starting adapter and head for every client
