@@ -36,6 +36,7 @@ def _format_summary(summary: dict[str, Any]) -> str:
         ("final consensus error", "final_consensus_error"),
         ("bytes sent (total)", "total_bytes_sent"),
         ("trainable params", "trainable_params"),
+        ("base model (MB)", "base_model_mb"),
         ("wall (s)", "wall_s"),
         ("samples/s", "samples_per_s"),
         ("peak RSS (MB)", "peak_rss_mb"),
