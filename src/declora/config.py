@@ -233,7 +233,7 @@ class TrainConfig:
         "or local.",
     )
     clients: int = _f(10, "Number of peers N.")
-    rounds: int = _f(12, "Communication rounds T; 0 = evaluate the initial model only (zero-shot), as round 0.")
+    rounds: int = _f(15, "Communication rounds T; 0 = evaluate the initial model only (zero-shot), as round 0.")
     local_steps: int = _f(5, "Local optimizer steps K per round.")
     batch_size: int = _f(32, "Examples per local step (per client).")
     lr: float = _f(1e-3, "Learning rate (the paper's 1e-3).")
@@ -272,7 +272,7 @@ class EvalConfig:
     every: int = _f(1, "Evaluate every this many rounds (the last round is always evaluated).")
     clients: bool = _f(True, "Also evaluate every client's own model (mean/min/max accuracy).")
     client_max_examples: int | None = _f(
-        200, "Evaluate clients on a fixed subset of the held-out set (speed); null = all of it."
+        100, "Evaluate clients on a fixed subset of the held-out set (speed); null = all of it."
     )
     batch_size: int = _f(128, "Examples per evaluation batch.")
 
@@ -292,6 +292,9 @@ class CommConfig:
         "env://",
         "runtime=distributed rendezvous: env:// (torchrun sets MASTER_ADDR/MASTER_PORT), "
         "tcp://HOST:PORT, or file:///shared/path (RANK and WORLD_SIZE come from the environment).",
+    )
+    startup_timeout_s: float = _f(
+        1800.0, "runtime=distributed: seconds ranks wait for each other to join and load data and model."
     )
     backend: str = _f("auto", "runtime=distributed: auto (nccl when the model is on CUDA, else gloo), gloo, nccl.")
     bits: int = _f(
@@ -324,13 +327,11 @@ class CommConfig:
         if not 0.0 < self.consensus_step <= 1.0:
             raise ConfigError(f"comm.consensus_step={self.consensus_step} must be in (0, 1]")
         _positive("comm.timeout_s", self.timeout_s)
+        _positive("comm.startup_timeout_s", self.startup_timeout_s)
         _choice("comm.backend", self.backend, ("auto", "gloo", "nccl"))
         if not self.init_method.startswith(("env://", "tcp://", "file://")):
             raise ConfigError(f"comm.init_method={self.init_method!r}: use env://, tcp://HOST:PORT or file:///PATH")
 
-    startup_timeout_s: float = _f(
-        1800.0, "runtime=distributed: seconds ranks wait for each other to join and load data and model."
-    )
 
 @dataclass
 class Config:
@@ -363,7 +364,6 @@ class Config:
     def __post_init__(self) -> None:
         _choice("runtime", self.runtime, ("simulation", "distributed"))
         _check_task_type(self)
-        _positive("comm.startup_timeout_s", self.startup_timeout_s)
         if (self.comm.bits != 32 or self.comm.error_feedback) and self.train.algorithm != "dec_lora":
             raise ConfigError(
                 f"comm.bits/comm.error_feedback compress dec_lora's gossip; train.algorithm={self.train.algorithm} "
