@@ -162,7 +162,8 @@ def test_four_process_ring_equals_the_simulation(three_rounds: list[str], simula
         assert np.mean([o[t]["squared_distance"] for o in own]) == pytest.approx(row["consensus_error"], rel=1e-12)
         assert sum(o[t]["bytes_sent"] for o in own) == row["bytes_sent"]
     # rank 0 wrote the contract; each rank its own adapter, equal to the simulated client's
-    for name in ("config.yaml", "summary.json", "DONE", "adapters/average/adapter_model.safetensors"):
+    for name in ("config.yaml", "summary.json", "DONE", "adapters/average/adapter_model.safetensors",
+                 *(f"ranks/rank_{r}/summary.json" for r in range(4))):
         assert (out / name).is_file(), name
     for name in ["average"] + [f"client_{i}" for i in range(4)]:
         ours = load_file(str(out / "adapters" / name / "adapter_model.safetensors"))
@@ -203,3 +204,19 @@ def test_hung_rank_is_named_after_the_timeout(tiny_overrides: list[str], tmp_pat
         assert "peer rank 1 is missing at round 2" in ranks[r].log
     assert ranks[3].rc == 1 and "missing at round 2" in ranks[3].log
     assert max(ranks[r].ended for r in (0, 2, 3)) - start < 100
+
+
+def test_launch_builds_the_torchrun_command_and_checks_the_process_count(capsys: pytest.CaptureFixture) -> None:
+    from declora.cli import main
+    from declora.launch import torchrun_command
+
+    cmd = torchrun_command(4, ["train.rounds=3"], config="recipe.yaml")
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m"]
+    assert cmd[6:] == ["declora", "train", "--config", "recipe.yaml", "runtime=distributed", "train.clients=4",
+                       "train.rounds=3"]
+    assert main(["launch", "--clients", "4", "--dry-run", "train.rounds=3"]) == 0
+    assert "--nproc-per-node=4 -m declora train runtime=distributed train.clients=4" in capsys.readouterr().err
+    # an explicit train.clients that disagrees, or a pooled algorithm (1 model), stops before any process
+    assert main(["launch", "--clients", "4", "--dry-run", "train.clients=3"]) == 2
+    assert main(["launch", "--clients", "4", "--dry-run", "train.algorithm=centralized"]) == 2
+    assert "use --clients 1" in capsys.readouterr().err

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,8 +111,10 @@ def prune(run: Path, keep: int, rank: int) -> None:
             (folder / MARKER).unlink(missing_ok=True)  # first: the round stops being complete
         for f in [*folder.glob(f"rank_{rank}.pt"), *folder.glob(f".rank_{rank}.pt.*")]:
             f.unlink(missing_ok=True)
-        if rank == 0 and not any(folder.glob("rank_*.pt")):
-            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.rmdir()  # once every rank's file (and the marker) is gone
+        except OSError:
+            pass
 
 
 def _round_of(folder: Path) -> int:

@@ -154,9 +154,10 @@ def run(cfg: Config, comm: Communicator | None = None, run_dir: RunDir | None = 
     clients = make_clients(s, comm.local_clients)
     comm.barrier()  # start-up done on every process (distributed: waits up to comm.startup_timeout_s)
     done = checkpoint.restore(rd.path, clients, s.algorithm, comm, tc.rounds) if cfg.resume else Progress()
+    rd.write_config(cfg)  # on every rank: on machines without a shared disk each needs it to resume
     if comm.rank == 0:  # rank 0 writes the run directory; every rank its own adapters (and ranks/rank_<r>)
-        rd.write_config(cfg)
         rd.start_metrics(done.history)
+        (rd.path / "DONE").unlink(missing_ok=True)  # a resumed run is unfinished until it finishes again
     per_rank = cfg.runtime == "distributed"
     if per_rank:
         rd.start_rank_metrics(comm.rank, done.round)
