@@ -8,12 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from declora.config import load_config
 from declora.rundir import read_metrics
 from declora.trainer import run
-
-from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.slow
 

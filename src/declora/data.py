@@ -70,7 +70,8 @@ class TaskData:
 
 
 def find_data_dir(cfg: DataConfig) -> Path | None:
-    """``data.path`` if given, else the first of ``./data/<task>``, ``../shared/data/<task>``, ``$DECLORA_DATA/<task>``."""
+    """``data.path`` if given, else the first of ``$DECLORA_DATA/<task>``, ``./data/<task>``,
+    ``../shared/data/<task>``."""
     if cfg.path is not None:
         path = Path(cfg.path).expanduser()
         if not path.is_dir():
