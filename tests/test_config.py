@@ -73,9 +73,7 @@ def test_erdos_renyi_that_cannot_connect(capsys: pytest.CaptureFixture[str]) -> 
     assert "topology.p" in err
 
 
-def test_more_clients_than_examples(
-    capsys: pytest.CaptureFixture[str], tiny_bert: Path, sst2_small: Path
-) -> None:
+def test_more_clients_than_examples(capsys: pytest.CaptureFixture[str], tiny_bert: Path, sst2_small: Path) -> None:
     err = _cli_error(
         capsys,
         [

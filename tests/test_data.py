@@ -41,9 +41,7 @@ def test_agnews_string_labels_map_to_the_four_classes(tmp_path: Path, tokenizer)
 
 
 def test_generic_task_with_csv_and_pairs(tmp_path: Path, tokenizer) -> None:  # noqa: ANN001
-    rows = "premise,hypothesis,gold\n" + "".join(
-        f"a cat {i},a dog {i},{'yes' if i % 2 else 'no'}\n" for i in range(20)
-    )
+    rows = "premise,hypothesis,gold\n" + "".join(f"a cat {i},a dog {i},{'yes' if i % 2 else 'no'}\n" for i in range(20))
     (tmp_path / "train.csv").write_text(rows)
     (tmp_path / "test.csv").write_text(rows)
     cfg = DataConfig(
@@ -70,9 +68,7 @@ def test_unknown_label_values_are_named(tmp_path: Path, tokenizer) -> None:  # n
 def test_collate_pads_dynamically() -> None:
     from declora.data import TokenizedSplit
 
-    split = TokenizedSplit(
-        input_ids=[[101, 5, 102], [101, 102]], token_type_ids=None, labels=np.array([1, 0])
-    )
+    split = TokenizedSplit(input_ids=[[101, 5, 102], [101, 102]], token_type_ids=None, labels=np.array([1, 0]))
     batch = collate(split, np.array([1, 0]), pad_token_id=0, device=torch.device("cpu"))
     assert batch["input_ids"].tolist() == [[101, 102, 0], [101, 5, 102]]
     assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]

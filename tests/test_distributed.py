@@ -34,8 +34,14 @@ class Rank:
     log: str
 
 
-def launch_ranks(world: int, args: list[str], tmp: Path, env: dict[str, str] | None = None,
-                 timeout: float = 150, exits: int | None = None) -> list[Rank]:
+def launch_ranks(
+    world: int,
+    args: list[str],
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 150,
+    exits: int | None = None,
+) -> list[Rank]:
     """Run ``declora train ARGS`` as ``world`` ranks (file:// rendezvous in ``tmp``).
 
     Returns when ``exits`` ranks (default all) have exited or after ``timeout`` s; then kills the rest.
@@ -44,8 +50,11 @@ def launch_ranks(world: int, args: list[str], tmp: Path, env: dict[str, str] | N
     logs.mkdir(parents=True, exist_ok=True)
     rdzv = f"comm.init_method=file://{tmp / 'rendezvous'}"
     full_env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | (env or {})
-    proc = subprocess.Popen([sys.executable, str(LAUNCHER), str(world), str(logs), *args, "runtime=distributed",
-                             rdzv], env=full_env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(LAUNCHER), str(world), str(logs), *args, "runtime=distributed", rdzv],
+        env=full_env,
+        start_new_session=True,
+    )
     deadline = time.time() + timeout
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -95,8 +104,15 @@ def simulate(overrides: list[str], *extra: str) -> dict:
 def three_rounds(tiny_bert: Path, sst2_small: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Overrides of a 3-round tiny run on a 4-client ring (module scope: one simulation serves two tests)."""
     return [
-        f"model.name_or_path={tiny_bert}", f"data.path={sst2_small}", "train.clients=4", "train.rounds=3",
-        "train.local_steps=2", "train.batch_size=8", "peft.r=4", "progress=false", "plots=false",
+        f"model.name_or_path={tiny_bert}",
+        f"data.path={sst2_small}",
+        "train.clients=4",
+        "train.rounds=3",
+        "train.local_steps=2",
+        "train.batch_size=8",
+        "peft.r=4",
+        "progress=false",
+        "plots=false",
     ]
 
 
@@ -140,11 +156,18 @@ def test_distributed_needs_rank_and_a_matching_world_size(monkeypatch, tiny_over
 
 
 def test_peer_failure_message_is_one_line_naming_peer_and_round() -> None:
-    err = PeerFailure(2, 3, 1, "exchange with neighbour",
-                      "[/x/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:4: Connection reset by peer. "
-                      "This is typically caused by a remote worker hanging")
-    assert str(err) == ("rank 1: peer rank 2 is missing at round 3 "
-                        "(exchange with neighbour: Read error [127.0.0.1]:4: Connection reset by peer.)")
+    err = PeerFailure(
+        2,
+        3,
+        1,
+        "exchange with neighbour",
+        "[/x/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:4: Connection reset by peer. "
+        "This is typically caused by a remote worker hanging",
+    )
+    assert str(err) == (
+        "rank 1: peer rank 2 is missing at round 3 "
+        "(exchange with neighbour: Read error [127.0.0.1]:4: Connection reset by peer.)"
+    )
     assert "rank unknown" in str(PeerFailure(None, 1, 0, "total", "x"))
 
 
@@ -162,8 +185,13 @@ def test_four_process_ring_equals_the_simulation(three_rounds: list[str], simula
         assert np.mean([o[t]["squared_distance"] for o in own]) == pytest.approx(row["consensus_error"], rel=1e-12)
         assert sum(o[t]["bytes_sent"] for o in own) == row["bytes_sent"]
     # rank 0 wrote the contract; each rank its own adapter, equal to the simulated client's
-    for name in ("config.yaml", "summary.json", "DONE", "adapters/average/adapter_model.safetensors",
-                 *(f"ranks/rank_{r}/summary.json" for r in range(4))):
+    for name in (
+        "config.yaml",
+        "summary.json",
+        "DONE",
+        "adapters/average/adapter_model.safetensors",
+        *(f"ranks/rank_{r}/summary.json" for r in range(4)),
+    ):
         assert (out / name).is_file(), name
     for name in ["average"] + [f"client_{i}" for i in range(4)]:
         ours = load_file(str(out / "adapters" / name / "adapter_model.safetensors"))
@@ -212,8 +240,15 @@ def test_launch_builds_the_torchrun_command_and_checks_the_process_count(capsys:
 
     cmd = torchrun_command(4, ["train.rounds=3"], config="recipe.yaml")
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m"]
-    assert cmd[6:] == ["declora", "train", "--config", "recipe.yaml", "runtime=distributed", "train.clients=4",
-                       "train.rounds=3"]
+    assert cmd[6:] == [
+        "declora",
+        "train",
+        "--config",
+        "recipe.yaml",
+        "runtime=distributed",
+        "train.clients=4",
+        "train.rounds=3",
+    ]
     assert main(["launch", "--clients", "4", "--dry-run", "train.rounds=3"]) == 0
     assert "--nproc-per-node=4 -m declora train runtime=distributed train.clients=4" in capsys.readouterr().err
     # an explicit train.clients that disagrees, or a pooled algorithm (1 model), stops before any process
@@ -222,9 +257,7 @@ def test_launch_builds_the_torchrun_command_and_checks_the_process_count(capsys:
     assert "use --clients 1" in capsys.readouterr().err
 
 
-def test_quantized_choco_gossip_over_the_wire_equals_the_simulation(
-    three_rounds: list[str], tmp_path: Path
-) -> None:
+def test_quantized_choco_gossip_over_the_wire_equals_the_simulation(three_rounds: list[str], tmp_path: Path) -> None:
     """4-bit codes (packed uint8) + fp32 scales travel as bytes; CHOCO's public copies agree bit for bit."""
     args = [*three_rounds, "train.rounds=2", "comm.bits=4", "comm.error_feedback=true", "save_adapters=false"]
     sim = simulate(args, f"out_dir={tmp_path / 'sim'}")

@@ -22,10 +22,19 @@ def minilm_overrides(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     if not (SHARED_DATA / "sst2" / "train.tsv").is_file():
         pytest.skip(f"shared SST-2 data not found at {SHARED_DATA}/sst2")
     return [
-        "model.name_or_path=minilm", f"data.path={SHARED_DATA / 'sst2'}", "data.max_train_examples=4000",
-        "data.max_eval_examples=200", "train.clients=4", "train.rounds=4", "train.local_steps=5",
-        "train.batch_size=32", "eval.client_max_examples=100", "progress=false", "plots=false",
-        "save_adapters=false", f"out_dir={tmp_path_factory.mktemp('e2e')}",
+        "model.name_or_path=minilm",
+        f"data.path={SHARED_DATA / 'sst2'}",
+        "data.max_train_examples=4000",
+        "data.max_eval_examples=200",
+        "train.clients=4",
+        "train.rounds=4",
+        "train.local_steps=5",
+        "train.batch_size=32",
+        "eval.client_max_examples=100",
+        "progress=false",
+        "plots=false",
+        "save_adapters=false",
+        f"out_dir={tmp_path_factory.mktemp('e2e')}",
     ]
 
 

@@ -44,9 +44,7 @@ def test_complete_graph_with_uniform_weights_is_exact_averaging() -> None:
     assert consensus_error(mix_states(topo.W, states)) < 1e-10
 
 
-@pytest.mark.parametrize(
-    "kind,n", [("ring", 10), ("ring", 20), ("erdos_renyi", 10), ("torus", 16), ("star", 8)]
-)
+@pytest.mark.parametrize("kind,n", [("ring", 10), ("ring", 20), ("erdos_renyi", 10), ("torus", 16), ("star", 8)])
 def test_consensus_error_contracts_by_the_spectral_gap_each_round(kind: str, n: int) -> None:
     topo = Topology.build(kind, n, p=0.4, seed=3)
     factor = (1 - topo.spectral_gap) ** 2  # ||W X - X_bar|| <= |lambda_2| ||X - X_bar||

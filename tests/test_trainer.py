@@ -68,9 +68,7 @@ def test_run_directory_contract(tiny_overrides: list[str]) -> None:
     # ring of 4: every client sends its whole message to 2 neighbours each round
     assert rows[0]["bytes_sent"] == 4 * 2 * summary["message_bytes"]
     assert summary["total_bytes_sent"] == 2 * rows[0]["bytes_sent"]
-    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["average"] + [
-        f"client_{i}" for i in range(4)
-    ]
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["average"] + [f"client_{i}" for i in range(4)]
     assert np.asarray(summary["partition_counts"]).sum() == 600
     assert load_config(out / "config.yaml").train.clients == 4  # config.yaml reloads as a config
 
@@ -89,9 +87,7 @@ def test_complete_graph_with_uniform_weights_averages_the_local_models(
 ) -> None:
     one_round = [*tiny_overrides, "train.rounds=1"]
     local = _run(one_round, "train.algorithm=local", f"out_dir={tmp_path / 'local'}")
-    dec = _run(
-        one_round, "topology.kind=complete", "topology.mixing=max_degree", f"out_dir={tmp_path / 'dec'}"
-    )
+    dec = _run(one_round, "topology.kind=complete", "topology.mixing=max_degree", f"out_dir={tmp_path / 'dec'}")
     mean_of_local = _adapter(local["run_dir"], "average")
     for i in range(4):
         client = _adapter(dec["run_dir"], f"client_{i}")
@@ -103,9 +99,7 @@ def test_complete_graph_with_uniform_weights_averages_the_local_models(
 
 def test_one_client_dec_lora_equals_centralized(tiny_overrides: list[str], tmp_path: Path) -> None:
     dec = _run(tiny_overrides, "train.clients=1", f"out_dir={tmp_path / 'dec'}")
-    cen = _run(
-        tiny_overrides, "train.clients=1", "train.algorithm=centralized", f"out_dir={tmp_path / 'cen'}"
-    )
+    cen = _run(tiny_overrides, "train.clients=1", "train.algorithm=centralized", f"out_dir={tmp_path / 'cen'}")
     drop = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
     assert drop(read_metrics(dec["run_dir"])) == drop(read_metrics(cen["run_dir"]))
 
@@ -143,14 +137,10 @@ def test_saved_client_adapter_reloads_to_the_same_predictions(
     client.local_steps(s.model, s.data, 3, 1, s.device)  # move it away from the shared init
     ours = evaluate(s.model, client.state(), s.data, length_sorted(s.data), s.device, 64)
     save_adapter(s.model, client.state(), tmp_path / "client_2")
-    np.testing.assert_array_equal(
-        _reload_predictions(tiny_bert, tmp_path / "client_2", s.data), ours.predictions
-    )
+    np.testing.assert_array_equal(_reload_predictions(tiny_bert, tmp_path / "client_2", s.data), ours.predictions)
 
 
-def test_saved_average_adapter_reproduces_the_reported_accuracy(
-    tiny_overrides: list[str], tiny_bert: Path
-) -> None:
+def test_saved_average_adapter_reproduces_the_reported_accuracy(tiny_overrides: list[str], tiny_bert: Path) -> None:
     from declora.evaluate import length_sorted
     from declora.trainer import setup
 

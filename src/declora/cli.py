@@ -1,4 +1,4 @@
-"""The ``declora`` command line: ``train`` and ``topology``.
+"""The ``declora`` command line: train, topology, partition, compare, reproduce, generate, launch.
 
 Examples:
     declora train
@@ -6,6 +6,7 @@ Examples:
     declora topology ring --clients 8 --mixing metropolis --plot ring.png
     declora partition label_proportions --clients 3 --proportions '[[0.15,0.85],[0.85,0.15],[0.5,0.5]]'
     declora compare runs/a runs/b --csv compare.csv --plot compare.png
+    declora reproduce --list ; declora reproduce label_skew --scale cpu
     declora launch --clients 4 train.rounds=3        (one process per client, torchrun)
     declora train ... resume=runs/<run>              (continue from its last complete checkpoint)
 """
@@ -181,6 +182,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from declora.reproduce import find_experiment, list_experiments, run_experiment, validate, write_report
+
+    recipes = Path(args.recipes) if args.recipes else None
+    if args.list or not args.experiments:
+        for e in list_experiments(recipes):
+            print(f"{e.name:<18} {len(e.runs):>2} runs  {e.title}")
+        return 0
+    names = [e.name for e in list_experiments(recipes)] if args.experiments == ["all"] else args.experiments
+    out = Path(args.out)
+    for name in names:
+        exp = find_experiment(name, recipes)
+        if args.dry_run:
+            validate(exp, args.scale, out)
+            for run in exp.runs:
+                print(shlex.join(exp.command(run, args.scale, out)))
+            continue
+        if args.report_only:
+            path = write_report(exp, args.scale, out)
+        else:
+            path = run_experiment(exp, args.scale, out, jobs=args.jobs, only=args.only, force=args.force)
+        print(path.read_text())
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from declora.causal import generate_from_run
 
@@ -243,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="average", help="adapters/<name>: average or client_<i>")
     p.add_argument("--raw", action="store_true", help="use --prompt as is, without the run's template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("reproduce", help="run one of the paper's experiments from its recipe and write its table")
+    p.add_argument("experiments", nargs="*", help="experiment names (`--list` shows them), or `all`")
+    p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    p.add_argument("--scale", default="cpu", help="cpu (offline default models, 2 cores) or paper (hub, GPU)")
+    p.add_argument("--out", default="reproduce", help="folder for the runs and reports (OUT/<experiment>/)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cpu_count/jobs threads)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these run names (from the recipe)")
+    p.add_argument("--force", action="store_true", help="re-run runs that already finished")
+    p.add_argument("--dry-run", action="store_true", help="print the `declora train` commands and exit")
+    p.add_argument("--report-only", action="store_true", help="write results.md from the finished runs only")
+    p.add_argument("--recipes", default=None, help="recipe folder (default: recipes/reproduce)")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("launch", help="run `declora train runtime=distributed` in one local process per client")
     p.add_argument("--clients", type=int, required=True, help="number of processes = train.clients")

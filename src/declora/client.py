@@ -55,16 +55,12 @@ class Client:
         self.optimizer = make_optimizer(trained, self.train_cfg)
 
     @classmethod
-    def create(
-        cls, cid: int, init: State, trained: set[str], stream: BatchStream, train_cfg: TrainConfig
-    ) -> Client:
+    def create(cls, cid: int, init: State, trained: set[str], stream: BatchStream, train_cfg: TrainConfig) -> Client:
         """A client starting from the shared initial adapter ``init`` (copied, never aliased)."""
         params = {n: t.detach().clone().requires_grad_(n in trained) for n, t in init.items()}
         return cls(cid, params, stream, train_cfg)
 
-    def local_steps(
-        self, model: nn.Module, data: TaskData, steps: int, round_: int, device: torch.device
-    ) -> float:
+    def local_steps(self, model: nn.Module, data: TaskData, steps: int, round_: int, device: torch.device) -> float:
         """Take ``steps`` optimizer steps on this client's data; returns the mean training loss."""
         model.train()
         torch.manual_seed(step_seed(self.train_cfg.seed, round_, self.cid))

@@ -142,9 +142,7 @@ class DataConfig:
     text_pair_column: str | None = _f(None, "Optional second text column (sentence pairs).")
     label_column: str | None = _f(None, "Label column; null = the task's default.")
     train_split: str = _f("train", "Split used for training.")
-    eval_split: str | None = _f(
-        None, "Held-out split; null = the task's default (sst2: test = GLUE validation)."
-    )
+    eval_split: str | None = _f(None, "Held-out split; null = the task's default (sst2: test = GLUE validation).")
     max_train_examples: int | None = _f(None, "Keep a seeded random subset of the training split.")
     max_eval_examples: int | None = _f(None, "Keep a seeded random subset of the held-out split.")
     template: str | None = _f(
@@ -182,9 +180,7 @@ class DataConfig:
 
 @dataclass
 class PartitionConfig:
-    kind: str = _f(
-        "iid", "How training data is split over clients: iid, dirichlet, label_proportions, shards."
-    )
+    kind: str = _f("iid", "How training data is split over clients: iid, dirichlet, label_proportions, shards.")
     alpha: float = _f(0.5, "Dirichlet concentration (small = skewed labels); kind=dirichlet.")
     min_partition_size: int = _f(10, "Dirichlet resamples until every client has this many examples.")
     proportions: list[list[float]] | None = _f(
@@ -203,9 +199,7 @@ class PartitionConfig:
 @dataclass
 class TopologyConfig:
     kind: str = _f("ring", "Graph: ring, erdos_renyi, complete, star, torus, grid, edge_list.")
-    mixing: str = _f(
-        "laplacian", "laplacian (I - 2L/(3 lambda_max), the paper's), metropolis, or max_degree."
-    )
+    mixing: str = _f("laplacian", "laplacian (I - 2L/(3 lambda_max), the paper's), metropolis, or max_degree.")
     p: float = _f(0.5, "Edge probability for erdos_renyi (resampled until connected).")
     rows: int | None = _f(None, "Rows of a torus/grid; null = the most square factorisation.")
     edges_file: str | None = _f(None, "Whitespace-separated 'i j' edge list for kind=edge_list.")

@@ -33,9 +33,7 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     # The shared SST-2 test.tsv is the GLUE validation split: the set papers report SST-2 accuracy on.
     "sst2": TaskSpec("sentence", "label", ("negative", "positive"), "test", ("glue", "sst2"), "validation"),
-    "agnews": TaskSpec(
-        "text", "label", ("World", "Sports", "Business", "Sci/Tech"), "test", ("ag_news", None), "test"
-    ),
+    "agnews": TaskSpec("text", "label", ("World", "Sports", "Business", "Sci/Tech"), "test", ("ag_news", None), "test"),
 }
 _EXTENSIONS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 

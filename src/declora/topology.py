@@ -74,8 +74,7 @@ def build_graph(
         if r < 1 or n % r != 0:
             divisors = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
             raise ValueError(
-                f"topology.rows={rows} does not divide train.clients={n}; "
-                f"set topology.rows to one of: {divisors}"
+                f"topology.rows={rows} does not divide train.clients={n}; set topology.rows to one of: {divisors}"
             )
         cols = n // r
         grid = nx.grid_2d_graph(r, cols, periodic=(kind == "torus"))
@@ -102,16 +101,13 @@ def build_graph(
 def _read_edge_list(edges_file: str | None, n: int) -> nx.Graph:
     """Read and validate an ``i j`` edge-list file for ``n`` clients."""
     if edges_file is None or not Path(edges_file).is_file():
-        raise ValueError(
-            f"topology.edges_file={edges_file!r} is not a readable file; point it at an 'i j' edge list"
-        )
+        raise ValueError(f"topology.edges_file={edges_file!r} is not a readable file; point it at an 'i j' edge list")
     try:
         raw = nx.read_edgelist(edges_file, nodetype=int, comments="#", data=False)
     except (TypeError, ValueError) as exc:
         msg = str(exc).replace("\n", " ")
         raise ValueError(
-            f"topology.edges_file={edges_file!r} could not be parsed ({msg}); "
-            "use one 'i j' integer pair per line"
+            f"topology.edges_file={edges_file!r} could not be parsed ({msg}); use one 'i j' integer pair per line"
         ) from None
     nodes = set(raw.nodes())
     expected = set(range(n))
@@ -184,9 +180,7 @@ def check_mixing_matrix(W: np.ndarray, graph: nx.Graph, atol: float = 1e-8) -> N
     if W.shape != (n, n):
         raise ValueError(f"mixing check failed: W has shape {W.shape}, expected ({n}, {n})")
     if not np.allclose(W, W.T, atol=atol, rtol=0.0):
-        raise ValueError(
-            f"mixing check failed: W is not symmetric (max |W - W.T| = {np.abs(W - W.T).max():.3g})"
-        )
+        raise ValueError(f"mixing check failed: W is not symmetric (max |W - W.T| = {np.abs(W - W.T).max():.3g})")
     if W.min() < -atol:
         raise ValueError(f"mixing check failed: W has negative entries (min {W.min():.3g})")
     for axis, name in ((1, "row"), (0, "column")):

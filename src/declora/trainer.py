@@ -188,13 +188,9 @@ def run(cfg: Config, comm: Communicator | None = None, run_dir: RunDir | None = 
         # 1. Local steps: each client on its own data, with its own optimizer state.
         t0 = time.perf_counter()
         active = s.algorithm.participants(round_, tc)  # all clients, unless the algorithm samples
-        losses = {
-            i: c.local_steps(s.model, s.data, steps, round_, s.device) for i, c in clients.items() if i in active
-        }
+        losses = {i: c.local_steps(s.model, s.data, steps, round_, s.device) for i, c in clients.items() if i in active}
         # 2. Communication: what is exchanged and how it is combined is the algorithm's business.
-        states, sent = s.algorithm.communicate(
-            {i: c.state() for i, c in clients.items()}, comm, W, participants=active
-        )
+        states, sent = s.algorithm.communicate({i: c.state() for i, c in clients.items()}, comm, W, participants=active)
         for i, c in clients.items():
             c.set_state(states[i])
         train_s += time.perf_counter() - t0

@@ -27,9 +27,7 @@ class DecLoRA(Algorithm):
 
     def configure(self, cfg: Config) -> None:
         c = cfg.comm
-        self.gossip = build_gossip(
-            c.bits, c.scale, c.rounding, c.error_feedback, c.consensus_step, seed=cfg.train.seed
-        )
+        self.gossip = build_gossip(c.bits, c.scale, c.rounding, c.error_feedback, c.consensus_step, seed=cfg.train.seed)
 
     def set_initial_state(self, init: State) -> None:
         if isinstance(self.gossip, ChocoGossip):

@@ -82,7 +82,6 @@ class Communicator(ABC):
         for i, own in states.items():
             inbox = received[i] | {i: own}
             mixed[i] = {
-                name: sum(W[i, j] * inbox[j][name].double() for j in sorted(inbox)).to(own[name].dtype)
-                for name in own
+                name: sum(W[i, j] * inbox[j][name].double() for j in sorted(inbox)).to(own[name].dtype) for name in own
             }
         return mixed, sent

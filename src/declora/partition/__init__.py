@@ -88,9 +88,7 @@ def build_partitioner(
     raise ValueError(f"partition.kind={kind!r} is unknown; choose one of {', '.join(PARTITIONERS)}")
 
 
-def plot_partition(
-    counts: np.ndarray, path: str, label_names: list[str] | None = None, title: str = ""
-) -> None:
+def plot_partition(counts: np.ndarray, path: str, label_names: list[str] | None = None, title: str = "") -> None:
     """Saves a stacked bar chart of per-client label counts (one bar per client).
 
     Args:

@@ -84,9 +84,7 @@ class Partitioner(ABC):
         return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
-def partition_counts(
-    parts: Sequence[np.ndarray], labels: np.ndarray, num_classes: int | None = None
-) -> np.ndarray:
+def partition_counts(parts: Sequence[np.ndarray], labels: np.ndarray, num_classes: int | None = None) -> np.ndarray:
     """Counts the examples of each class held by each client.
 
     Args:
@@ -106,9 +104,7 @@ def partition_counts(
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.size else 0
     if labels.size and int(labels.max()) >= num_classes:
-        raise ValueError(
-            f"labels go up to {int(labels.max())} but num_classes={num_classes}; raise num_classes"
-        )
+        raise ValueError(f"labels go up to {int(labels.max())} but num_classes={num_classes}; raise num_classes")
     counts = np.zeros((len(parts), num_classes), dtype=np.int64)
     for i, part in enumerate(parts):
         counts[i] = np.bincount(labels[np.asarray(part, dtype=np.int64)], minlength=num_classes)

@@ -53,24 +53,18 @@ class LabelProportionsPartitioner(Partitioner):
         try:
             props = np.asarray(proportions, dtype=np.float64)
         except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"partition.proportions must be a list of equal-length lists of numbers ({err})"
-            ) from None
+            raise ValueError(f"partition.proportions must be a list of equal-length lists of numbers ({err})") from None
         if props.ndim != 2 or props.shape[0] == 0 or props.shape[1] == 0:
             raise ValueError(
                 "partition.proportions must be a non-empty list of lists, e.g. [[0.15, 0.85], [0.85, 0.15]]; "
                 f"got shape {props.shape}"
             )
         if not np.isfinite(props).all() or (props < 0).any():
-            raise ValueError(
-                "partition.proportions has negative or non-finite entries; make all entries >= 0"
-            )
+            raise ValueError("partition.proportions has negative or non-finite entries; make all entries >= 0")
         sums = props.sum(axis=1)
         if not np.allclose(sums, 1.0, rtol=0.0, atol=1e-6):
             bad = int(np.argmax(np.abs(sums - 1.0)))
-            raise ValueError(
-                f"partition.proportions row {bad} sums to {sums[bad]:.6g}; make every row sum to 1"
-            )
+            raise ValueError(f"partition.proportions row {bad} sums to {sums[bad]:.6g}; make every row sum to 1")
         rows, k = props.shape[0], self.num_partitions
         if rows != k and (rows > k or k % rows != 0):
             raise ValueError(
@@ -93,9 +87,7 @@ class LabelProportionsPartitioner(Partitioner):
         used = demand > 0
         if (available[used] == 0).any():
             c = int(np.flatnonzero(used & (available == 0))[0])
-            raise ValueError(
-                f"class {c} has no training examples; set its entries in partition.proportions to 0"
-            )
+            raise ValueError(f"class {c} has no training examples; set its entries in partition.proportions to 0")
         # Rounding can let a size a little above the proportional bound fit; start there.
         n = int(np.min(available[used] / demand[used])) + self.num_partitions
         while n > 0:

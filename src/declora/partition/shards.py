@@ -37,9 +37,7 @@ class ShardPartitioner(Partitioner):
     def __init__(self, num_partitions: int, shards_per_client: int = 2, seed: int = 0) -> None:
         super().__init__(num_partitions, seed)
         if not _is_int(shards_per_client) or shards_per_client < 1:
-            raise ValueError(
-                f"partition.shards_per_client={shards_per_client!r} is invalid; set it to an integer >= 1"
-            )
+            raise ValueError(f"partition.shards_per_client={shards_per_client!r} is invalid; set it to an integer >= 1")
         self.shards_per_client = int(shards_per_client)
 
     def split(self, labels: np.ndarray) -> list[np.ndarray]:

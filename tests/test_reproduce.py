@@ -1,0 +1,139 @@
+"""``declora reproduce``: recipes parse, runs execute as subprocesses, reports hold the runs' numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from declora.cli import main
+from declora.config import ConfigError
+from declora.reproduce import find_experiment, list_experiments, load_experiment, run_experiment
+from declora.reproduce_report import spearman
+
+
+def test_every_shipped_recipe_parses_and_its_runs_validate() -> None:
+    """Each recipe's every run loads as a config at both scales (a typo in a recipe fails here)."""
+    from declora.reproduce import validate
+
+    experiments = list_experiments()
+    names = {e.name for e in experiments}
+    assert {
+        "topology",
+        "rank_clients",
+        "quantized_base",
+        "label_skew",
+        "peft_baselines",
+        "dirichlet_sweep",
+        "consensus",
+    } <= names
+    for exp in experiments:
+        for scale in ("cpu", "paper"):
+            validate(exp, scale, Path("unused"))
+
+
+def test_unknown_experiment_names_the_list_command() -> None:
+    with pytest.raises(ConfigError, match="declora reproduce --list"):
+        find_experiment("no_such_experiment")
+
+
+def test_bad_check_kind_is_rejected(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("runs:\n  - {name: a, overrides: []}\nchecks:\n  - {kind: better}\n")
+    with pytest.raises(ConfigError, match="check kind 'better'"):
+        load_experiment(recipe)
+
+
+def test_spearman_signs() -> None:
+    assert spearman([0.1, 0.5, 0.9], [3.0, 2.0, 1.0]) == -1.0
+    assert spearman([0.1, 0.5, 0.9], [1.0, 2.0, 3.0]) == 1.0
+
+
+def _recipe(tmp_path: Path, tiny_bert: Path, sst2_small: Path) -> Path:
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    common = [
+        f"model.name_or_path={tiny_bert}",
+        f"data.path={sst2_small}",
+        "train.clients=3",
+        "train.rounds=2",
+        "train.local_steps=1",
+        "train.batch_size=8",
+        "peft.r=2",
+        "plots=false",
+        "save_adapters=false",
+        "eval.client_max_examples=16",
+    ]
+    (folder / "mini.yaml").write_text(
+        json.dumps(
+            {
+                "name": "mini",
+                "title": "ring vs complete",
+                "common": common,
+                "scales": {"cpu": ["data.max_eval_examples=40"]},
+                "runs": [
+                    {"name": "ring", "overrides": ["topology.kind=ring"], "paper": 90.0},
+                    {"name": "complete", "overrides": ["topology.kind=complete"]},
+                    {"name": "centralized", "overrides": ["train.algorithm=centralized"]},
+                ],
+                "columns": ["best_accuracy", "spectral_gap", "mean_consensus_error"],
+                "checks": [
+                    {"kind": "within", "metric": "best_accuracy", "reference": "centralized", "tolerance_pp": 100}
+                ],
+            }
+        )
+    )
+    (folder / "twin.yaml").write_text(
+        json.dumps(
+            {
+                "name": "twin",
+                "common": common,
+                "scales": {"cpu": ["data.max_eval_examples=40"]},
+                "runs": [{"name": "same ring", "overrides": ["topology.kind=ring"]}],
+            }
+        )
+    )
+    return folder
+
+
+def test_reproduce_runs_reports_and_reuses(
+    tiny_bert: Path, sst2_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipes, out = _recipe(tmp_path, tiny_bert, sst2_small), tmp_path / "out"
+    exp = find_experiment("mini", recipes)
+    report = run_experiment(exp, "cpu", out, jobs=2)
+    text = report.read_text()
+    for run in ("ring", "complete", "centralized"):
+        summary = json.loads((out / "mini" / run / "summary.json").read_text())
+        assert f"| {run} |" in text
+        assert f"{100 * summary['best_accuracy']:.2f}" in text  # the table holds the run's own number
+    assert "| 90.0 |" in text  # the paper's number beside ours
+    assert "within 100 pp" in text and "declora train" in text
+    assert (out / "mini" / "compare.png").is_file() and (out / "mini" / "results.csv").is_file()
+    # A second call trains nothing: finished runs are kept (an interrupted experiment continues).
+    stamp = (out / "mini" / "ring" / "summary.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["reproduce", "mini", "--recipes", str(recipes), "--out", str(out)]) == 0
+    assert "start" not in capsys.readouterr().out
+    assert (out / "mini" / "ring" / "summary.json").stat().st_mtime_ns == stamp
+    # Another experiment's run with the same resolved config is reused, not retrained.
+    run_experiment(find_experiment("twin", recipes), "cpu", out)
+    twin = json.loads((out / "twin" / "same_ring" / "summary.json").read_text())
+    assert twin == json.loads((out / "mini" / "ring" / "summary.json").read_text())
+
+
+def test_dry_run_prints_the_commands_and_a_bad_override_stops_first(
+    tiny_bert: Path, sst2_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipes = _recipe(tmp_path, tiny_bert, sst2_small)
+    assert main(["reproduce", "mini", "--recipes", str(recipes), "--dry-run", "--out", "o"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("declora train ") for line in lines)
+    assert lines[0].endswith("out_dir=o/mini/ring")
+    recipe = recipes / "mini.yaml"
+    recipe.write_text(recipe.read_text().replace("topology.kind=ring", "topology.kind=rong"))
+    assert main(["reproduce", "mini", "--recipes", str(recipes), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "mini / ring" in err and "topology.kind" in err
+    assert not (tmp_path / "o").exists()
