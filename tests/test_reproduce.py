@@ -121,6 +121,12 @@ def test_reproduce_runs_reports_and_reuses(
     run_experiment(find_experiment("twin", recipes), "cpu", out)
     twin = json.loads((out / "twin" / "same_ring" / "summary.json").read_text())
     assert twin == json.loads((out / "mini" / "ring" / "summary.json").read_text())
+    # One results page over both experiments, plots copied beside it.
+    page = tmp_path / "docs" / "results.md"
+    assert main(["reproduce", "mini", "twin", "--recipes", str(recipes), "--out", str(out), "--page", str(page)]) == 0
+    text = page.read_text()
+    assert "## mini: ring vs complete" in text and "## twin" in text and "(results/mini.png)" in text
+    assert (tmp_path / "docs" / "results" / "mini.png").is_file()
 
 
 def test_dry_run_prints_the_commands_and_a_bad_override_stops_first(

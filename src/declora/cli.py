@@ -195,6 +195,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return 0
     names = [e.name for e in list_experiments(recipes)] if args.experiments == ["all"] else args.experiments
     out = Path(args.out)
+    if args.page:  # one results page from what has finished so far (no training)
+        from declora.reproduce import collect
+
+        intro = (
+            f"# Results ({args.scale} scale)\n\nEvery table below is written by `declora reproduce EXPERIMENT "
+            f"--scale {args.scale} --out {args.out}` from the runs' own summary.json / metrics.jsonl, and this page "
+            f"by `declora reproduce {' '.join(args.experiments)} --scale {args.scale} --out {args.out} --page "
+            f"{args.page}`. Accuracies are in percent."
+        )
+        page = collect([find_experiment(n, recipes) for n in names], args.scale, out, Path(args.page), intro)
+        print(f"wrote {page}")
+        return 0
     for name in names:
         exp = find_experiment(name, recipes)
         if args.dry_run:
@@ -285,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the `declora train` commands and exit")
     p.add_argument("--report-only", action="store_true", help="write results.md from the finished runs only")
     p.add_argument("--recipes", default=None, help="recipe folder (default: recipes/reproduce)")
+    p.add_argument(
+        "--page", default=None, help="only write one Markdown page of the finished runs' tables, e.g. docs/results.md"
+    )
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("launch", help="run `declora train runtime=distributed` in one local process per client")

@@ -244,3 +244,22 @@ def write_report(exp: Experiment, scale: str, out: Path) -> Path:
     path = root / "results.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def collect(experiments: list[Experiment], scale: str, out: Path, page: Path, intro: str = "") -> Path:
+    """One results page from the experiments' reports; each plot is copied next to the page.
+
+    Links inside a report (``compare.png``) are rewritten to the copied plot, ``<page stem>/<name>.png``.
+    """
+    figures = page.parent / page.stem
+    figures.mkdir(parents=True, exist_ok=True)
+    parts = [intro.strip(), ""] if intro else []
+    for exp in experiments:
+        text = write_report(exp, scale, out).read_text()
+        plot = out / exp.name / "compare.png"
+        if plot.is_file():
+            shutil.copyfile(plot, figures / f"{exp.name}.png")
+            text = text.replace("(compare.png)", f"({figures.name}/{exp.name}.png)")
+        parts += [text, ""]
+    page.write_text("\n".join(parts))
+    return page
