@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from declora.config import ConfigError, DataConfig
-from declora.data import TASKS, TaskData, TokenizedSplit, _labels, _load_hub, _load_local, _subsample, find_data_dir
+from declora.data import TASKS, TaskData, TokenizedSplit, _labels, _subsample, read_splits
 from declora.models import State, forward_with
 
 IGNORE = -100  # the label torch's cross-entropy (and transformers' LM loss) skips
@@ -86,19 +86,7 @@ def encode(
 
 def _read(cfg: DataConfig, columns: dict[str, str], seed: int) -> tuple[dict[str, Any], str]:
     """Both splits (subsampled like data.load_task) and their source; every named column must exist."""
-    spec = TASKS.get(cfg.task)
-    directory = find_data_dir(cfg)
-    if directory is None and spec is None:
-        raise ConfigError("data.task=generic needs data.path=DIR")
-    if directory is not None:
-        eval_split = cfg.eval_split or (spec.local_eval_split if spec else "test")
-        raw = {"train": _load_local(directory, cfg.train_split), "eval": _load_local(directory, eval_split)}
-        source = str(directory)
-    else:
-        assert spec is not None
-        eval_split = cfg.eval_split or spec.hub_eval_split
-        raw = {"train": _load_hub(spec, cfg.train_split), "eval": _load_hub(spec, eval_split)}
-        source = "hub:" + "/".join(p for p in spec.hub_path if p)
+    raw, source = read_splits(cfg)
     for part, ds in raw.items():
         for option, col in columns.items():
             if col not in ds.column_names:

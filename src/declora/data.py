@@ -134,6 +134,22 @@ def _subsample(ds: Any, limit: int | None, seed: int) -> Any:
     return ds.select(idx.tolist())
 
 
+def read_splits(cfg: DataConfig) -> tuple[dict[str, Any], str]:
+    """The raw train and held-out splits (local directory first, else the hub) and where they came from."""
+    spec = TASKS.get(cfg.task)
+    directory = find_data_dir(cfg)
+    if directory is None and spec is None:
+        raise ConfigError("data.task=generic needs data.path=DIR")
+    if directory is not None:
+        eval_split = cfg.eval_split or (spec.local_eval_split if spec else "test")
+        raw = {"train": _load_local(directory, cfg.train_split), "eval": _load_local(directory, eval_split)}
+        return raw, str(directory)
+    assert spec is not None
+    eval_split = cfg.eval_split or spec.hub_eval_split
+    raw = {"train": _load_hub(spec, cfg.train_split), "eval": _load_hub(spec, eval_split)}
+    return raw, "hub:" + "/".join(p for p in spec.hub_path if p)
+
+
 def load_task(cfg: DataConfig, tokenizer: Any, max_length: int, seed: int = 0) -> TaskData:
     """Load, label-map and tokenize the train and held-out splits of ``cfg.task``.
 
@@ -145,18 +161,7 @@ def load_task(cfg: DataConfig, tokenizer: Any, max_length: int, seed: int = 0) -
     label_col = cfg.label_column or (spec.label_column if spec else None)
     if text_col is None or label_col is None:
         raise ConfigError("data.task=generic needs data.text_column and data.label_column")
-    directory = find_data_dir(cfg)
-    if directory is None and spec is None:
-        raise ConfigError("data.task=generic needs data.path=DIR")
-    if directory is not None:
-        eval_split = cfg.eval_split or (spec.local_eval_split if spec else "test")
-        raw = {"train": _load_local(directory, cfg.train_split), "eval": _load_local(directory, eval_split)}
-        source = str(directory)
-    else:
-        assert spec is not None
-        eval_split = cfg.eval_split or spec.hub_eval_split
-        raw = {"train": _load_hub(spec, cfg.train_split), "eval": _load_hub(spec, eval_split)}
-        source = "hub:" + "/".join(p for p in spec.hub_path if p)
+    raw, source = read_splits(cfg)
     for part, ds in raw.items():
         for col in (text_col, label_col, cfg.text_pair_column):
             if col is not None and col not in ds.column_names:
