@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from declora.cli import quiet_libraries
 from declora.compress import Quantizer
 from declora.config import load_config
 from declora.models import build_model, trainable_state
@@ -22,6 +23,7 @@ from declora.topology import Topology
 
 def main(overrides: list[str]) -> None:
     cfg = load_config(overrides=overrides)
+    quiet_libraries()
     model = build_model(cfg.model, cfg.peft, num_labels=2, seed=cfg.train.seed)
     state = {n: t.detach().clone() for n, t in trainable_state(model).items()}
     torch.manual_seed(0)
