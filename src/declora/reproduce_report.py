@@ -60,6 +60,8 @@ def fmt(key: str, v: Any) -> str:
         return f"{v:.3g}"
     if key == "spectral_gap":
         return f"{v:.4f}"
+    if key.endswith("loss"):
+        return f"{v:.3f}"
     return _fmt(key, v)
 
 
