@@ -9,7 +9,13 @@ import pytest
 
 from declora.cli import main
 from declora.config import ConfigError
-from declora.reproduce import find_experiment, list_experiments, load_experiment, run_experiment
+from declora.reproduce import (
+    GENERATED_MARKER,
+    find_experiment,
+    list_experiments,
+    load_experiment,
+    run_experiment,
+)
 from declora.reproduce_report import spearman
 
 
@@ -127,6 +133,12 @@ def test_reproduce_runs_reports_and_reuses(
     text = page.read_text()
     assert "## mini: ring vs complete" in text and "## twin" in text and "(results/mini.png)" in text
     assert (tmp_path / "docs" / "results" / "mini.png").is_file()
+    # Text written above the marker survives a regeneration; the tables below it are rewritten.
+    page.write_text("# Our summary\nring is fine.\n" + GENERATED_MARKER + "\nstale table\n")
+    assert main(["reproduce", "mini", "--recipes", str(recipes), "--out", str(out), "--page", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# Our summary\nring is fine.\n" + GENERATED_MARKER)
+    assert "stale table" not in text and "## mini: ring vs complete" in text and "## twin" not in text
 
 
 def test_dry_run_prints_the_commands_and_a_bad_override_stops_first(
