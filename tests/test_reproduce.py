@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,11 @@ def test_reproduce_runs_reports_and_reuses(
     text = page.read_text()
     assert "## mini: ring vs complete" in text and "## twin" in text and "(results/mini.png)" in text
     assert (tmp_path / "docs" / "results" / "mini.png").is_file()
+    # An experiment with no finished run under --out keeps the section the page already had.
+    twin_section = "## twin" + text.split("## twin", 1)[1]
+    shutil.rmtree(out / "twin")
+    assert main(["reproduce", "mini", "twin", "--recipes", str(recipes), "--out", str(out), "--page", str(page)]) == 0
+    assert twin_section.strip() in page.read_text() and "Not run yet: same ring" not in page.read_text()
     # Text written above the marker survives a regeneration; the tables below it are rewritten.
     page.write_text("# Our summary\nring is fine.\n" + GENERATED_MARKER + "\nstale table\n")
     assert main(["reproduce", "mini", "--recipes", str(recipes), "--out", str(out), "--page", str(page)]) == 0

@@ -254,16 +254,22 @@ def collect(experiments: list[Experiment], scale: str, out: Path, page: Path, in
 
     Links inside a report (``compare.png``) are rewritten to the copied plot, ``<page stem>/<name>.png``.
     Hand-written text above a ``GENERATED_MARKER`` line in an existing page (a summary, the
-    explanations of claims our numbers do not confirm) is kept; everything below it is regenerated.
+    explanations of claims our numbers do not confirm) is kept; everything below it is regenerated,
+    except the section of an experiment with no finished run under ``out``: the page keeps the section
+    it already had, so results measured in another place or session are not wiped by an empty folder.
     """
     figures = page.parent / page.stem
     figures.mkdir(parents=True, exist_ok=True)
-    kept = ""
+    kept, old_sections = "", {}
     if page.is_file() and GENERATED_MARKER in (old := page.read_text()):
-        kept = old.split(GENERATED_MARKER, 1)[0]
+        kept, generated = old.split(GENERATED_MARKER, 1)
+        old_sections = _sections(generated)
     parts = [kept + GENERATED_MARKER, ""]
     parts += [intro.strip(), ""] if intro else []
     for exp in experiments:
+        if exp.name in old_sections and not any((out / exp.name).glob("*/DONE")):
+            parts += [old_sections[exp.name], ""]
+            continue
         text = write_report(exp, scale, out).read_text()
         plot = out / exp.name / "compare.png"
         if plot.is_file():
@@ -272,3 +278,12 @@ def collect(experiments: list[Experiment], scale: str, out: Path, page: Path, in
         parts += [text, ""]
     page.write_text("\n".join(parts))
     return page
+
+
+def _sections(text: str) -> dict[str, str]:
+    """Experiment name -> its ``## name: title`` section of a generated page (up to the next ``## ``)."""
+    sections: dict[str, str] = {}
+    for chunk in ("\n" + text).split("\n## ")[1:]:
+        name = chunk.split(":", 1)[0].strip()
+        sections[name] = ("## " + chunk).rstrip() + "\n"
+    return sections
