@@ -55,6 +55,21 @@ def test_consensus_error_contracts_by_the_spectral_gap_each_round(kind: str, n: 
         assert consensus_error(states) <= factor * before * (1 + 1e-9) + 1e-12
 
 
+@pytest.mark.parametrize("kind", ["ring", "torus", "erdos_renyi", "complete"])
+def test_rms_contraction_is_the_typical_shrink_and_lambda2_the_worst(kind: str) -> None:
+    topo = Topology.build(kind, 10, p=0.6, seed=0, rows=2)
+    rms = topo.rms_contraction
+    assert rms <= 1 - topo.spectral_gap + 1e-12  # the mean of the squares is at most the largest
+    # Monte-Carlo: isotropic disagreements (many random states) shrink by rms^2 in squared distance.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 20_000, generator=gen, dtype=torch.float64)
+    x -= x.mean(0, keepdim=True)
+    ratio = float((torch.as_tensor(topo.W) @ x).pow(2).sum() / x.pow(2).sum())
+    assert ratio == pytest.approx(rms**2, rel=0.02)
+    if kind == "complete":
+        assert rms == pytest.approx(1 / 3)  # laplacian mixing on K_10: W = I - 2L/(3*10), eigenvalues 1/3
+
+
 def test_consensus_error_matches_its_definition() -> None:
     states = random_states(3)
     flat = [torch.cat([t.flatten() for t in s.values()]).double() for s in states]

@@ -29,6 +29,7 @@ TITLES = {
     "trainable_params": "trainable params",
     "base_model_mb": "base MiB",
     "spectral_gap": "spectral gap",
+    "mixing_rms": "rms contraction",
     "wall_s": "wall s",
     "samples_per_s": "samples/s",
     "final_eval_loss": "final eval loss",
@@ -58,7 +59,7 @@ def fmt(key: str, v: Any) -> str:
         return _fmt("total_bytes_sent", v)
     if key.endswith("consensus_error"):
         return f"{v:.3g}"
-    if key == "spectral_gap":
+    if key in ("spectral_gap", "mixing_rms"):
         return f"{v:.4f}"
     if key.endswith("loss"):
         return f"{v:.3f}"

@@ -310,6 +310,7 @@ def finish(
         "topology": cfg.topology.kind if s.topology else None,
         "mixing": cfg.topology.mixing if s.topology else None,
         "spectral_gap": s.topology.spectral_gap if s.topology else None,
+        "mixing_rms": s.topology.rms_contraction if s.topology else None,
         "partition": cfg.partition.kind,
         "best_accuracy": best["accuracy"],
         "best_round": best["round"],
