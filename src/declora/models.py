@@ -131,7 +131,7 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, num_labels: int, s
     targets for the architecture (LLaMA: ``q_proj``, ``v_proj``).
     """
     from declora.peft_methods import wrap_model
-    from declora.quant import bnb_config, quiet_bitsandbytes
+    from declora.quant import bnb_config, keep_4bit_layers_trainable, quiet_bitsandbytes
 
     path = resolve_model_path(model_cfg.name_or_path, gguf_file_of(model_cfg))
     device = select_device(model_cfg.device)
@@ -142,6 +142,8 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, num_labels: int, s
     base = load_base(
         model_cfg, num_labels, **({} if quant is None else {"quantization_config": quant, "device_map": {"": device}})
     )
+    if quant is not None:
+        keep_4bit_layers_trainable(base)
     causal = model_cfg.task_type == "causal_lm"
     head = peft_cfg.modules_to_save if peft_cfg.modules_to_save is not None else ([] if causal else default_head(base))
     task_type = "CAUSAL_LM" if causal else "SEQ_CLS"

@@ -84,6 +84,20 @@ def check_quantization(model_cfg: ModelConfig, device: torch.device) -> None:
         raise ConfigError(f"{fix}: bitsandbytes {bnb.__version__} cannot run it on {device} ({first})") from None
 
 
+def keep_4bit_layers_trainable(model: nn.Module) -> None:
+    """Stop bitsandbytes (>= 0.49) repacking 4-bit weights for CPU inference on an eval-mode pass.
+
+    On a CPU with AVX512-BF16, ``Linear4bit.forward`` converts its weight once, in place, to an
+    inference-only layout whenever the module is in eval mode and the input needs no grad (our
+    evaluation, and the first frozen layers of every training step). That layout has no backward, so
+    the next training step fails inside ``matmul_4bit``. We keep the base in eval mode (no dropout, as
+    the averaged model is evaluated), so we switch the conversion off; the matmul is the same.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def quiet_bitsandbytes() -> None:
     """Silence the per-call 'inputs will be cast to float16' warning of int8 matmuls."""
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
