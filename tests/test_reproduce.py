@@ -133,6 +133,7 @@ def test_reproduce_runs_reports_and_reuses(
     assert main(["reproduce", "mini", "twin", "--recipes", str(recipes), "--out", str(out), "--page", str(page)]) == 0
     text = page.read_text()
     assert "## mini: ring vs complete" in text and "## twin" in text and "(results/mini.png)" in text
+    assert text.startswith("# Results (cpu scale)\n\n" + GENERATED_MARKER)  # the title is hand-editable
     assert (tmp_path / "docs" / "results" / "mini.png").is_file()
     # An experiment with no finished run under --out keeps the section the page already had.
     twin_section = "## twin" + text.split("## twin", 1)[1]

@@ -208,12 +208,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         from declora.reproduce import collect
 
         intro = (
-            f"# Results ({args.scale} scale)\n\nEvery table below is written by `declora reproduce EXPERIMENT "
+            f"Every table below is written by `declora reproduce EXPERIMENT "
             f"--scale {args.scale} --out {args.out}` from the runs' own summary.json / metrics.jsonl, and this page "
             f"by `declora reproduce {' '.join(args.experiments)} --scale {args.scale} --out {args.out} --page "
             f"{args.page}`. Accuracies are in percent."
         )
-        page = collect([find_experiment(n, recipes) for n in names], args.scale, out, Path(args.page), intro)
+        exps = [find_experiment(n, recipes) for n in names]
+        page = collect(exps, args.scale, out, Path(args.page), intro, title=f"# Results ({args.scale} scale)")
         print(f"wrote {page}")
         return 0
     for name in names:
