@@ -52,6 +52,22 @@ def test_bad_check_kind_is_rejected(tmp_path: Path) -> None:
         load_experiment(recipe)
 
 
+def test_within_is_two_sided_and_at_least_one_sided() -> None:
+    from types import SimpleNamespace
+
+    from declora.reproduce_report import check_lines
+
+    def record(acc: float) -> SimpleNamespace:
+        return SimpleNamespace(_summary={"best_accuracy": acc}, metrics=[], path=Path("."))
+
+    records = {"ref": record(0.80), "better": record(0.84), "close": record(0.795), "worse": record(0.70)}
+    checks = [{"kind": k, "reference": "ref", "tolerance_pp": 1.0} for k in ("within", "at_least")]
+    lines = check_lines(SimpleNamespace(checks=checks), records)
+    assert lines[0].startswith("better: 84.00 vs ref 80.00 (+4.00 pp)") and "NOT within 1 pp" in lines[0]
+    assert "— within 1 pp" in lines[1] and "NOT within" in lines[2]
+    assert "at least as good" in lines[3] and "at least as good" in lines[4] and "worse by > 1 pp" in lines[5]
+
+
 def test_spearman_signs() -> None:
     assert spearman([0.1, 0.5, 0.9], [3.0, 2.0, 1.0]) == -1.0
     assert spearman([0.1, 0.5, 0.9], [1.0, 2.0, 3.0]) == 1.0

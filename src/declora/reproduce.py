@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from declora.config import ConfigError
 
 SCALES = ("cpu", "paper")
-CHECKS = ("within", "order")
+CHECKS = ("within", "at_least", "order")
 
 
 def default_recipes_dir() -> Path:

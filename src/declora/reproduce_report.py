@@ -104,10 +104,13 @@ def _within(check: dict[str, Any], records: dict[str, RunRecord]) -> list[str]:
         if name not in records:
             continue
         diff = 100 * (value(records[name], metric) - ref)
-        verdict = "within" if abs(diff) <= tol else "NOT within"
+        if check["kind"] == "at_least":  # one-sided: better than the reference also passes
+            verdict = f"at least as good (within {tol:g} pp or better)" if diff >= -tol else f"worse by > {tol:g} pp"
+        else:
+            verdict = f"within {tol:g} pp" if abs(diff) <= tol else f"NOT within {tol:g} pp"
         out.append(
             f"{name}: {fmt(metric, value(records[name], metric))} vs {ref_name} {fmt(metric, ref)} "
-            f"({diff:+.2f} pp) — {verdict} {tol:g} pp"
+            f"({diff:+.2f} pp) — {verdict}"
         )
     return out
 
@@ -134,5 +137,5 @@ def check_lines(exp: Any, records: dict[str, RunRecord]) -> list[str]:
     """Every check of the recipe as one or more sentences with the numbers behind them."""
     out: list[str] = []
     for check in exp.checks:
-        out += _within(check, records) if check["kind"] == "within" else _order(check, records)
+        out += _order(check, records) if check["kind"] == "order" else _within(check, records)
     return out
