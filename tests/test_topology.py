@@ -237,9 +237,11 @@ def test_topology_dataclass_and_describe():
     text = topo.describe(precision=2)
     assert "ring" in text and "edges: 4" in text and "0.67" in text and "0.17" in text
     assert "0.333" not in text and "spectral gap: 0.33" in text
+    assert "rms contraction: 0.58" in text  # eigenvalues 2/3, 2/3, 1/3 besides 1: sqrt(1/3)
     assert len(text.splitlines()) >= 6
     single = Topology.build("complete", 1)
     assert single.W.tolist() == [[1.0]] and single.spectral_gap == 1.0 and single.neighbors(0) == []
+    assert single.rms_contraction == 0.0
 
 
 @pytest.mark.parametrize("kind", ["ring", "torus"])

@@ -101,16 +101,8 @@ def cmd_topology(args: argparse.Namespace) -> int:
         raise ConfigError(str(err)) from None
     print(topo.describe(precision=args.precision))
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "degrees": topo.degrees,
-                    "W": topo.W.tolist(),
-                    "spectral_gap": topo.spectral_gap,
-                    "rms_contraction": topo.rms_contraction,
-                }
-            )
-        )
+        info = {"degrees": topo.degrees, "W": topo.W.tolist(), "spectral_gap": topo.spectral_gap}
+        print(json.dumps({**info, "rms_contraction": topo.rms_contraction}))
     if args.plot:
         draw_topology(topo, args.plot)
         print(f"wrote {args.plot}")
