@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,7 +18,7 @@ from declora.reproduce import (
     load_experiment,
     run_experiment,
 )
-from declora.reproduce_report import spearman
+from declora.reproduce_report import check_lines, spearman
 
 
 def test_every_shipped_recipe_parses_and_its_runs_validate() -> None:
@@ -53,10 +54,6 @@ def test_bad_check_kind_is_rejected(tmp_path: Path) -> None:
 
 
 def test_within_is_two_sided_and_at_least_one_sided() -> None:
-    from types import SimpleNamespace
-
-    from declora.reproduce_report import check_lines
-
     def record(acc: float) -> SimpleNamespace:
         return SimpleNamespace(_summary={"best_accuracy": acc}, metrics=[], path=Path("."))
 

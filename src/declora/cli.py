@@ -102,7 +102,8 @@ def cmd_topology(args: argparse.Namespace) -> int:
     print(topo.describe(precision=args.precision))
     if args.json:
         info = {"degrees": topo.degrees, "W": topo.W.tolist(), "spectral_gap": topo.spectral_gap}
-        print(json.dumps({**info, "rms_contraction": topo.rms_contraction}))
+        info["rms_contraction"] = topo.rms_contraction
+        print(json.dumps(info))
     if args.plot:
         draw_topology(topo, args.plot)
         print(f"wrote {args.plot}")

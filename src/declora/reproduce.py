@@ -260,7 +260,8 @@ def collect(experiments: list[Experiment], scale: str, out: Path, page: Path, in
     """
     figures = page.parent / page.stem
     figures.mkdir(parents=True, exist_ok=True)
-    kept, old_sections = f"{title}\n\n" if title else "", {}  # a new page: its title above the marker
+    kept = f"{title}\n\n" if title else ""  # a new page: its title above the marker
+    old_sections: dict[str, str] = {}
     if page.is_file():
         old = page.read_text()
         if GENERATED_MARKER in old:

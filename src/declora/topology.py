@@ -277,14 +277,15 @@ class Topology:
         return rms_contraction(self.W)
 
     def describe(self, precision: int = 3) -> str:
-        """Readable multi-line summary: kind, N, edge count, degrees, W and spectral gap."""
+        """Readable multi-line summary: kind, N, edge count, degrees, W, spectral gap and rms contraction."""
         matrix = np.array2string(
             self.W, precision=precision, floatmode="fixed", suppress_small=True, max_line_width=10_000
         )
         lines = [f"topology: {self.kind} (mixing: {self.mixing})", f"nodes: {self.num_nodes}"]
         lines += [f"edges: {self.graph.number_of_edges()}", f"degrees: {self.degrees}", "W =", matrix]
         lines += [f"spectral gap: {self.spectral_gap:.{precision}f}"]
-        return "\n".join([*lines, f"rms contraction: {self.rms_contraction:.{precision}f}"])
+        lines += [f"rms contraction: {self.rms_contraction:.{precision}f}"]
+        return "\n".join(lines)
 
 
 def draw_topology(topology: Topology, path: str) -> None:
