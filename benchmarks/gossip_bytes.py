@@ -28,14 +28,7 @@ def main(overrides: list[str]) -> None:
     state = {n: t.detach().clone() for n, t in trainable_state(model).items()}
     torch.manual_seed(0)
     state = {n: t + 0.01 * torch.randn_like(t) for n, t in state.items()}  # B = 0 at init: perturb it
-    topo = Topology.build(
-        cfg.topology.kind,
-        cfg.train.clients,
-        mixing=cfg.topology.mixing,
-        p=cfg.topology.p,
-        seed=cfg.train.seed,
-        rows=cfg.topology.rows,
-    )
+    topo = Topology.from_config(cfg.topology, cfg.train.clients, cfg.train.seed)
     sends = sum(topo.degrees)  # messages per round: one per client per neighbour
     values = sum(t.numel() for t in state.values())
     print(

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from declora.causal import IGNORE, answer_logprobs, load_causal_task, score_verbalizers
+from declora.causal_data import IGNORE, load_causal_task
+from declora.causal_eval import answer_logprobs, score_verbalizers
 from declora.config import ConfigError, DataConfig, ModelConfig, load_config
 from declora.data import TaskData, TokenizedSplit, collate
 from declora.models import forward_with, load_tokenizer

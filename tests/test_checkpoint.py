@@ -13,7 +13,7 @@ import torch
 from declora import checkpoint
 from declora.algorithms.dec_lora import DecLoRA
 from declora.config import ConfigError, load_config
-from declora.faults import parse
+from declora.fault_injection import parse
 from declora.rundir import read_metrics
 from declora.trainer import run
 

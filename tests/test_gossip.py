@@ -8,8 +8,8 @@ import torch
 
 from declora.comm import InProcessCommunicator
 from declora.comm.base import Message, message_bytes, neighbors
+from declora.comm.gossip import ChocoGossip, QuantizedGossip, build_gossip, compressed_gossip
 from declora.compress import Quantizer
-from declora.gossip import ChocoGossip, QuantizedGossip, build_gossip, compressed_gossip
 from declora.mixing import average_states, consensus_error
 from declora.topology import Topology
 

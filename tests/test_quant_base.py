@@ -17,7 +17,7 @@ def bnb_or_skip():
     try:
         import bitsandbytes as bnb
 
-        from declora.quant import check_quantization
+        from declora.quantized_base import check_quantization
 
         check_quantization(ModelConfig(quantization="nf4"), torch.device("cpu"))
     except (ImportError, ConfigError) as err:
@@ -26,7 +26,7 @@ def bnb_or_skip():
 
 
 def test_quantization_without_bitsandbytes_is_a_one_line_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from declora.quant import check_quantization
+    from declora.quantized_base import check_quantization
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
     with pytest.raises(ConfigError) as err:
@@ -89,7 +89,7 @@ def test_quantized_base_loads_and_trains_two_steps_on_cpu(kind: str, tiny_bert: 
 def test_base_model_bytes_count_packed_weights_and_their_constants(tiny_bert: Path) -> None:
     bnb = bnb_or_skip()
     from declora.models import build_model, trainable_state
-    from declora.quant import base_model_bytes
+    from declora.quantized_base import base_model_bytes
 
     def built(kind: str):
         model = build_model(

@@ -85,20 +85,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
+    from declora.config import TopologyConfig
     from declora.topology import Topology, draw_topology
 
+    options = {"kind": args.kind, "mixing": args.mixing, "p": args.p, "rows": args.rows, "edges_file": args.edges_file}
     try:
-        topo = Topology.build(
-            args.kind,
-            args.clients,
-            mixing=args.mixing,
-            p=args.p,
-            seed=args.seed,
-            rows=args.rows,
-            edges_file=args.edges_file,
-        )
-    except ValueError as err:
+        t = TopologyConfig(**options, seed=args.seed)
+    except TypeError as err:
         raise ConfigError(str(err)) from None
+    topo = Topology.from_config(t, args.clients, args.seed)
     print(topo.describe(precision=args.precision))
     if args.json:
         info = {"degrees": topo.degrees, "W": topo.W.tolist(), "spectral_gap": topo.spectral_gap}
@@ -122,7 +117,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
     from declora.config import load_config
     from declora.data import load_train_labels
-    from declora.partition import build_partitioner, partition_counts, plot_partition
+    from declora.partition import partition_counts, partitioner_from_config, plot_partition
 
     overrides = [f"partition.kind={args.kind}", f"train.clients={args.clients}", f"data.task={args.task}"]
     for key, value in (
@@ -142,15 +137,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     labels, names, source = load_train_labels(cfg.data, seed=args.seed)
     p = cfg.partition
     try:
-        parts = build_partitioner(
-            p.kind,
-            args.clients,
-            seed=args.seed,
-            alpha=p.alpha,
-            min_partition_size=p.min_partition_size,
-            proportions=p.proportions,
-            shards_per_client=p.shards_per_client,
-        ).split(labels)
+        parts = partitioner_from_config(p, args.clients, args.seed).split(labels)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     counts = partition_counts(parts, labels, len(names))
@@ -227,7 +214,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from declora.causal import generate_from_run
+    from declora.causal_eval import generate_from_run
 
     quiet_libraries()
     prompt, text = generate_from_run(args.run_dir, args.prompt, args.max_new_tokens, args.adapter, args.raw)

@@ -20,9 +20,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from declora.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the option and the fix."""
+__all__ = ["Config", "ConfigError", "load_config", "to_yaml", "config_help"]
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" mirrors argparse

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from declora.causal import score_answer_tokens, score_verbalizers
+from declora.causal_eval import score_answer_tokens, score_verbalizers
 from declora.data import TaskData, collate
 from declora.models import State, forward_with
 

@@ -1,12 +1,17 @@
-"""Pure tensor maths of gossip: mixing with W, averaging, consensus error.
+"""Pure tensor maths of gossip: the one mixing kernel, averaging, consensus error, message size.
 
 Nothing here knows about processes, files or models: states are ``dict[name, tensor]`` and a list of
 them is one per client, in client order.
+
+:func:`mix_row` is the single place where ``X_i <- sum_j W_ij X_j`` is computed. Exact gossip, compressed
+gossip, DeCAF's product mixing (through :func:`weighted_sum`) and the tests all call it, so every runtime
+(in-process simulation, torch.distributed, a time-varying W_t) sums the same terms in the same order
+(float64, ascending j, self included) and gets the same bits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -14,26 +19,35 @@ import torch
 State = dict[str, torch.Tensor]
 
 
-def mix_stacked(W: np.ndarray | torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    """``X_i <- sum_j W_ij X_j`` for a stack of N client tensors.
+def weighted_sum(weights: Sequence[float], tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``sum_k weights[k] * tensors[k]`` accumulated in float64, in the order given, cast to ``dtype``."""
+    return sum(w * t.double() for w, t in zip(weights, tensors, strict=True)).to(dtype)  # type: ignore[union-attr]
+
+
+def mix_row(W: np.ndarray, i: int, inbox: Mapping[int, State]) -> State:
+    """Client i's gossip step: ``X_i <- sum_j W_ij X_j`` for every tensor separately (each A, each B).
 
     Args:
-        W: (N, N) mixing matrix.
-        stacked: (N, *shape) one tensor per client.
+        W: (N, N) mixing matrix (or this round's W_t).
+        i: the mixing client; ``inbox[i]`` is its own state and sets the names and dtypes.
+        inbox: the states client i holds this round, its own included, keyed by client id.
 
     Returns:
-        (N, *shape) mixed tensors, in float64 accumulation cast back to ``stacked.dtype``.
+        The mixed state, summed in float64 over ascending j and cast back to each tensor's dtype.
+
+    Example:
+        >>> W = np.array([[0.5, 0.5], [0.5, 0.5]])
+        >>> mix_row(W, 0, {0: {"a": torch.tensor([0.0])}, 1: {"a": torch.tensor([2.0])}})["a"]
+        tensor([1.])
     """
-    w = torch.as_tensor(W, dtype=torch.float64, device=stacked.device)
-    flat = stacked.reshape(stacked.shape[0], -1).to(torch.float64)
-    return (w @ flat).reshape(stacked.shape).to(stacked.dtype)
+    order = sorted(inbox)
+    weights = [W[i, j] for j in order]
+    return {name: weighted_sum(weights, [inbox[j][name] for j in order], own.dtype) for name, own in inbox[i].items()}
 
 
 def mix_states(W: np.ndarray, states: Sequence[State]) -> list[State]:
-    """Mix every tensor of N client states with W, each tensor (each LoRA A, each B) separately."""
-    names = list(states[0])
-    mixed = {n: mix_stacked(W, torch.stack([s[n] for s in states])) for n in names}
-    return [{n: mixed[n][i] for n in names} for i in range(len(states))]
+    """Every client's :func:`mix_row` over its support in W (all N clients in one place, as in a test)."""
+    return [mix_row(W, i, {j: states[j] for j in np.flatnonzero(W[i] > 0).tolist() + [i]}) for i in range(len(states))]
 
 
 def average_states(states: Sequence[State]) -> State:
@@ -50,3 +64,8 @@ def consensus_error(states: Sequence[State]) -> float:
 def squared_distance(a: State, b: State) -> float:
     """``sum over tensors of ||a - b||^2`` (one client's term of the consensus error)."""
     return sum(float((a[n].double() - b[n].double()).pow(2).sum()) for n in a)
+
+
+def state_bytes(state: State) -> int:
+    """Bytes a state (or an encoded message) occupies on the wire: the one byte-count formula."""
+    return sum(t.numel() * t.element_size() for t in state.values())

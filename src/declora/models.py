@@ -131,7 +131,7 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, num_labels: int, s
     targets for the architecture (LLaMA: ``q_proj``, ``v_proj``).
     """
     from declora.peft_methods import wrap_model
-    from declora.quant import bnb_config, keep_4bit_layers_trainable, quiet_bitsandbytes
+    from declora.quantized_base import bnb_config, keep_4bit_layers_trainable, quiet_bitsandbytes
 
     path = resolve_model_path(model_cfg.name_or_path, gguf_file_of(model_cfg))
     device = select_device(model_cfg.device)
@@ -178,11 +178,6 @@ def load_state(model: nn.Module, state: State) -> None:
 def forward_with(model: nn.Module, state: State, batch: dict[str, torch.Tensor]) -> Any:
     """Run the shared model with ``state``'s tensors standing in for its trainable parameters."""
     return torch.func.functional_call(model, state, args=(), kwargs=batch, strict=False)
-
-
-def state_bytes(state: State) -> int:
-    """Bytes of one uncompressed message carrying ``state``."""
-    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def num_parameters(state: State) -> int:

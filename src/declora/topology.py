@@ -11,9 +11,15 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import networkx as nx
 import numpy as np
+
+from declora.errors import ConfigError
+
+if TYPE_CHECKING:
+    from declora.config import TopologyConfig
 
 TOPOLOGIES = ("ring", "erdos_renyi", "complete", "star", "torus", "grid", "edge_list")
 MIXING_RULES = ("laplacian", "metropolis", "max_degree")
@@ -251,6 +257,26 @@ class Topology:
         W = mixing_matrix(graph, mixing)
         check_mixing_matrix(W, graph)
         return cls(graph=graph, W=W, kind=kind, mixing=mixing)
+
+    @classmethod
+    def from_config(cls, t: TopologyConfig, num_nodes: int, seed: int) -> Topology:
+        """The topology of a config's ``topology`` section (``topology.seed`` overrides the run ``seed``).
+
+        Raises:
+            ConfigError: one line naming the option, for a graph or rule that cannot be built.
+        """
+        try:
+            return cls.build(
+                t.kind,
+                num_nodes,
+                mixing=t.mixing,
+                p=t.p,
+                seed=seed if t.seed is None else t.seed,
+                rows=t.rows,
+                edges_file=t.edges_file,
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     @property
     def num_nodes(self) -> int:

@@ -25,15 +25,15 @@ from torch import nn
 
 from declora import checkpoint
 from declora.algorithms import Algorithm, build_algorithm
-from declora.causal import load_causal_task
+from declora.causal_data import load_causal_task
 from declora.checkpoint import Progress
 from declora.client import Client
 from declora.comm import Communicator, build_communicator
 from declora.config import Config, ConfigError
 from declora.data import BatchStream, TaskData, load_task
 from declora.evaluate import evaluate, length_sorted
-from declora.faults import maybe_fail
-from declora.mixing import squared_distance
+from declora.fault_injection import maybe_fail
+from declora.mixing import squared_distance, state_bytes
 from declora.models import (
     build_model,
     gguf_file_of,
@@ -42,12 +42,11 @@ from declora.models import (
     num_parameters,
     resolve_model_path,
     select_device,
-    state_bytes,
     trainable_state,
 )
-from declora.partition import build_partitioner, partition_counts
+from declora.partition import partition_counts, partitioner_from_config
 from declora.peft_methods import save_trainable
-from declora.quant import base_model_bytes, check_quantization
+from declora.quantized_base import base_model_bytes, check_quantization
 from declora.rundir import RunDir, atomic_write_text
 from declora.topology import Topology
 
@@ -67,19 +66,14 @@ class Setup:
 
 
 def build_topology(cfg: Config, algorithm: Algorithm) -> Topology | None:
-    if not algorithm.uses_graph:
-        return None
-    t = cfg.topology
+    """The run's graph and W, or None for algorithms without one (centralized, local, fedavg)."""
+    return Topology.from_config(cfg.topology, cfg.train.clients, cfg.train.seed) if algorithm.uses_graph else None
+
+
+def partitioner_split(cfg: Config, labels: np.ndarray) -> list[np.ndarray]:
+    """Each client's training indices under ``partition.*`` (a ConfigError names a bad option)."""
     try:
-        return Topology.build(
-            t.kind,
-            cfg.train.clients,
-            mixing=t.mixing,
-            p=t.p,
-            seed=cfg.train.seed if t.seed is None else t.seed,
-            rows=t.rows,
-            edges_file=t.edges_file,
-        )
+        return partitioner_from_config(cfg.partition, cfg.train.clients, cfg.train.seed).split(labels)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -94,21 +88,8 @@ def setup(cfg: Config) -> Setup:
     tokenizer = load_tokenizer(cfg.model)
     load = load_causal_task if cfg.model.task_type == "causal_lm" else load_task  # prompt + answer tokens
     data = load(cfg.data, tokenizer, cfg.model.max_length, seed=cfg.train.seed)
-    p = cfg.partition
     workers = algorithm.workers(cfg.train)
-    try:
-        partitioner = build_partitioner(
-            p.kind,
-            cfg.train.clients,
-            seed=cfg.train.seed if p.seed is None else p.seed,
-            alpha=p.alpha,
-            min_partition_size=p.min_partition_size,
-            proportions=p.proportions,
-            shards_per_client=p.shards_per_client,
-        )
-        parts = partitioner.split(data.train.labels)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    parts = partitioner_split(cfg, data.train.labels)
     if workers < len(parts):  # pooled (centralized): one model on the union of the clients' data
         parts = [np.sort(np.concatenate(parts))]
 

@@ -24,7 +24,8 @@ import torch
 
 from declora.algorithms.base import Algorithm
 from declora.algorithms.dec_ffa_lora import is_lora_A
-from declora.comm.base import Communicator, State, message_bytes, neighbors
+from declora.comm.base import Communicator, State
+from declora.mixing import weighted_sum
 
 
 def refactor(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +52,7 @@ def mix_products(
     weights: Sequence[float], Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``refactor(sum_j w_j B_j A_j, r)`` for one LoRA module; B_j (d_out, r), A_j (r, d_in)."""
-    product = sum(w * (B.double() @ A.double()) for w, B, A in zip(weights, Bs, As, strict=True))
+    product = weighted_sum(weights, [B.double() @ A.double() for B, A in zip(Bs, As, strict=True)], torch.float64)
     B, A = refactor(product, As[0].shape[0])
     return B.to(Bs[0].dtype), A.to(As[0].dtype)
 
@@ -71,7 +72,7 @@ def decaf_mix(weights: Sequence[float], states: Sequence[State]) -> State:
         if a_name != name and a_name in states[0]:
             out[name], out[a_name] = mix_products(weights, [s[name] for s in states], [s[a_name] for s in states])
         else:
-            out[name] = sum(w * s[name].double() for w, s in zip(weights, states, strict=True)).to(own.dtype)
+            out[name] = weighted_sum(weights, [s[name] for s in states], own.dtype)
     missing = states[0].keys() - out.keys()
     if missing:
         raise ValueError(f"LoRA A tensors without a matching B: {sorted(missing)[:3]}")
@@ -89,8 +90,7 @@ class DecDeCAF(Algorithm):
         W: np.ndarray,
         participants: Sequence[int] | None = None,
     ) -> tuple[dict[int, State], int]:
-        received = comm.exchange(states, W)
-        sent = sum(len(neighbors(W, i)) * message_bytes(states[i]) for i in states)
+        received, sent = comm.send(states, W)
         mixed = {}
         for i, own in states.items():
             inbox = received[i] | {i: own}

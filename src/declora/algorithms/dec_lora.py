@@ -1,7 +1,7 @@
 """Dec-LoRA (Ghiasvand et al., 2025): gossip every trainable tensor, A and B mixed separately.
 
 With ``comm.bits < 32`` the messages are quantized (:mod:`declora.compress`), and with
-``comm.error_feedback`` the gossip is CHOCO's (:mod:`declora.gossip`); its public copies are this
+``comm.error_feedback`` the gossip is CHOCO's (:mod:`declora.comm.gossip`); its public copies are this
 strategy's :meth:`state_dict`.
 """
 
@@ -14,8 +14,8 @@ import numpy as np
 
 from declora.algorithms.base import Algorithm
 from declora.comm.base import Communicator, State
+from declora.comm.gossip import ChocoGossip, QuantizedGossip, build_gossip, exact_gossip
 from declora.config import Config
-from declora.gossip import ChocoGossip, QuantizedGossip, build_gossip
 
 
 class DecLoRA(Algorithm):
@@ -48,5 +48,5 @@ class DecLoRA(Algorithm):
         participants: Sequence[int] | None = None,
     ) -> tuple[dict[int, State], int]:
         if self.gossip is None:
-            return comm.gossip(states, W)
+            return exact_gossip(comm, states, W)
         return self.gossip(comm, states, W)

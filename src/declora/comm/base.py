@@ -2,8 +2,9 @@
 
 A process owns ``local_clients``: every client in the in-process simulation, its own rank under
 torch.distributed. The one transport primitive is :meth:`Communicator.exchange` (send my message to
-my graph neighbours, receive theirs); :meth:`Communicator.gossip` is built on it here, once, so the
-simulation and torch.distributed run the very same mixing code.
+my graph neighbours, receive theirs); :meth:`Communicator.send` adds the byte count (one formula), and
+every gossip variant (:mod:`declora.comm.gossip`) is built on it, so the simulation and
+torch.distributed run the very same mixing code (:func:`declora.mixing.mix_row`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
+
+from declora.mixing import state_bytes
 
 State = dict[str, torch.Tensor]
 Message = dict[str, torch.Tensor]  # what goes on the wire: a state, or an encoded (packed) state
@@ -22,9 +25,7 @@ def neighbors(W: np.ndarray, i: int) -> list[int]:
     return [int(j) for j in np.flatnonzero(W[i] > 0) if j != i]
 
 
-def message_bytes(message: Message) -> int:
-    """Bytes one message occupies on the wire."""
-    return sum(t.numel() * t.element_size() for t in message.values())
+message_bytes = state_bytes  # bytes one message occupies on the wire (the one formula, in mixing.py)
 
 
 class Communicator(ABC):
@@ -68,20 +69,13 @@ class Communicator(ABC):
     def total(self, value: float) -> float:
         """Metrics only: the sum of ``value`` over all processes."""
 
+    def send(self, messages: dict[int, Message], W: np.ndarray) -> tuple[dict[int, dict[int, Message]], int]:
+        """:meth:`exchange`, plus the bytes the local clients sent: each message once per neighbour."""
+        received = self.exchange(messages, W)
+        return received, sum(len(neighbors(W, i)) * message_bytes(messages[i]) for i in messages)
+
     def gossip(self, states: dict[int, State], W: np.ndarray) -> tuple[dict[int, State], int]:
-        """``X_i <- sum_j W_ij X_j`` for every local client and every tensor separately.
+        """Exact gossip, ``X_i <- sum_j W_ij X_j`` (:func:`declora.comm.gossip.exact_gossip`)."""
+        from declora.comm.gossip import exact_gossip
 
-        Sums in float64 in ascending j (self included), the same order on every transport.
-
-        Returns:
-            The mixed local states and the bytes the local clients sent.
-        """
-        received = self.exchange(states, W)
-        sent = sum(len(neighbors(W, i)) * message_bytes(states[i]) for i in states)
-        mixed: dict[int, State] = {}
-        for i, own in states.items():
-            inbox = received[i] | {i: own}
-            mixed[i] = {
-                name: sum(W[i, j] * inbox[j][name].double() for j in sorted(inbox)).to(own[name].dtype) for name in own
-            }
-        return mixed, sent
+        return exact_gossip(self, states, W)

@@ -11,15 +11,21 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from declora.errors import ConfigError
 from declora.partition.base import Partitioner, partition_counts
 from declora.partition.dirichlet import DirichletPartitioner
 from declora.partition.iid import IidPartitioner
 from declora.partition.label_proportions import LabelProportionsPartitioner
 from declora.partition.shards import ShardPartitioner
+
+if TYPE_CHECKING:
+    from declora.config import PartitionConfig
 
 __all__ = [
     "PARTITIONERS",
@@ -29,6 +35,7 @@ __all__ = [
     "Partitioner",
     "ShardPartitioner",
     "build_partitioner",
+    "partitioner_from_config",
     "partition_counts",
     "plot_partition",
 ]
@@ -41,26 +48,15 @@ PARTITIONERS: dict[str, type[Partitioner]] = {
 }
 
 
-def build_partitioner(
-    kind: str,
-    num_partitions: int,
-    *,
-    seed: int = 0,
-    alpha: float = 0.5,
-    min_partition_size: int = 10,
-    proportions: list[list[float]] | None = None,
-    shards_per_client: int = 2,
-) -> Partitioner:
-    """Builds the partitioner named by ``partition.kind``; options of other kinds are ignored.
+def build_partitioner(kind: str, num_partitions: int, *, seed: int = 0, **options: Any) -> Partitioner:
+    """Builds the partitioner registered as ``kind`` in :data:`PARTITIONERS`.
 
     Args:
-        kind: One of ``PARTITIONERS``: iid, dirichlet, label_proportions, shards.
+        kind: A key of ``PARTITIONERS``: iid, dirichlet, label_proportions, shards.
         num_partitions: Number of clients (``train.clients``).
         seed: Partition seed.
-        alpha: Dirichlet concentration (kind=dirichlet).
-        min_partition_size: Fewest examples per client (kind=dirichlet).
-        proportions: Per-client class proportions (kind=label_proportions, required).
-        shards_per_client: Shards per client (kind=shards).
+        **options: ``partition.*`` values (alpha, min_partition_size, proportions, shards_per_client);
+            each partitioner takes the ones named in its ``options`` and ignores the rest.
 
     Returns:
         A configured :class:`Partitioner`.
@@ -69,23 +65,26 @@ def build_partitioner(
         ValueError: On an unknown ``kind`` or invalid options for it.
 
     Example:
-        >>> build_partitioner("shards", 10, shards_per_client=2).shards_per_client
+        >>> build_partitioner("shards", 10, shards_per_client=2, alpha=0.3).shards_per_client
         2
     """
-    if kind == "iid":
-        return IidPartitioner(num_partitions, seed=seed)
-    if kind == "dirichlet":
-        return DirichletPartitioner(num_partitions, alpha, min_partition_size=min_partition_size, seed=seed)
-    if kind == "label_proportions":
-        if proportions is None:
-            raise ValueError(
-                "partition.proportions is required for partition.kind=label_proportions, "
-                "e.g. [[0.15, 0.85], [0.85, 0.15], [0.5, 0.5]]"
-            )
-        return LabelProportionsPartitioner(num_partitions, proportions, seed=seed)
-    if kind == "shards":
-        return ShardPartitioner(num_partitions, shards_per_client=shards_per_client, seed=seed)
-    raise ValueError(f"partition.kind={kind!r} is unknown; choose one of {', '.join(PARTITIONERS)}")
+    if kind not in PARTITIONERS:
+        raise ValueError(f"partition.kind={kind!r} is unknown; choose one of {', '.join(PARTITIONERS)}")
+    cls = PARTITIONERS[kind]
+    return cls(num_partitions, seed=seed, **{k: options[k] for k in cls.options if k in options})
+
+
+def partitioner_from_config(p: PartitionConfig, num_partitions: int, seed: int) -> Partitioner:
+    """The partitioner of a config's ``partition`` section (``partition.seed`` overrides ``seed``).
+
+    Raises:
+        ConfigError: one line naming the option, for options the partitioner rejects.
+    """
+    options = {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name not in ("kind", "seed")}
+    try:
+        return build_partitioner(p.kind, num_partitions, seed=seed if p.seed is None else p.seed, **options)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def plot_partition(counts: np.ndarray, path: str, label_names: list[str] | None = None, title: str = "") -> None:

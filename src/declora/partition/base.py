@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 
@@ -36,6 +37,8 @@ class Partitioner(ABC):
     Raises:
         ValueError: If ``num_partitions`` < 1 or ``seed`` is not an integer.
     """
+
+    options: ClassVar[tuple[str, ...]] = ()  # the ``partition.*`` keyword options this partitioner reads
 
     def __init__(self, num_partitions: int, seed: int = 0) -> None:
         if not _is_int(num_partitions) or num_partitions < 1:

@@ -40,10 +40,12 @@ class DirichletPartitioner(Partitioner):
         (1000, True)
     """
 
+    options = ("alpha", "min_partition_size")
+
     def __init__(
         self,
         num_partitions: int,
-        alpha: float,
+        alpha: float = 0.5,
         min_partition_size: int = 10,
         seed: int = 0,
         max_tries: int = 10,

@@ -48,8 +48,15 @@ class LabelProportionsPartitioner(Partitioner):
         [[10, 56], [56, 10], [33, 33]]
     """
 
-    def __init__(self, num_partitions: int, proportions: list[list[float]], seed: int = 0) -> None:
+    options = ("proportions",)
+
+    def __init__(self, num_partitions: int, proportions: list[list[float]] | None = None, seed: int = 0) -> None:
         super().__init__(num_partitions, seed)
+        if proportions is None:
+            raise ValueError(
+                "partition.proportions is required for partition.kind=label_proportions, "
+                "e.g. [[0.15, 0.85], [0.85, 0.15], [0.5, 0.5]]"
+            )
         try:
             props = np.asarray(proportions, dtype=np.float64)
         except (TypeError, ValueError) as err:

@@ -34,6 +34,8 @@ class ShardPartitioner(Partitioner):
         ([20, 20, 20, 20, 20], True)
     """
 
+    options = ("shards_per_client",)
+
     def __init__(self, num_partitions: int, shards_per_client: int = 2, seed: int = 0) -> None:
         super().__init__(num_partitions, seed)
         if not _is_int(shards_per_client) or shards_per_client < 1:

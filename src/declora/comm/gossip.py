@@ -1,7 +1,9 @@
-"""Compressed gossip: plain (``X_i <- W_ii X_i + sum_j W_ij Q(X_j)``) and CHOCO-gossip with error feedback.
+"""Gossip, every variant: exact (``X_i <- sum_j W_ij X_j``), compressed (``X_i <- W_ii X_i + sum_j W_ij Q(X_j)``)
+and CHOCO-gossip with error feedback.
 
-Both go through :meth:`Communicator.exchange` only, so the in-process simulation and torch.distributed
-run this very code. Neighbours receive what the sender quantized; a client's own copy stays exact.
+All go through :meth:`Communicator.send` only, so the in-process simulation and torch.distributed run
+this very code, and all mix with the one kernel :func:`declora.mixing.mix_row`. In compressed gossip
+neighbours receive what the sender quantized; a client's own copy stays exact.
 
 CHOCO-gossip (Koloskova, Stich and Jaggi, 2019): every client keeps public copies ``x̂`` of itself and
 of its neighbours. Each round client i sends ``q_i = Q(x_i - x̂_i)``; everyone who knows ``x̂_j`` adds
@@ -16,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from declora.comm.base import Communicator, Message, message_bytes, neighbors
+from declora.comm.base import Communicator, neighbors
 from declora.compress import Quantizer, State
+from declora.mixing import mix_row
 
 
 def rounding_generator(seed: int, round_: int, client: int) -> torch.Generator:
@@ -26,10 +29,14 @@ def rounding_generator(seed: int, round_: int, client: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
-def _send(comm: Communicator, messages: dict[int, Message], W: np.ndarray) -> tuple[dict[int, dict[int, Message]], int]:
-    received = comm.exchange(messages, W)
-    sent = sum(len(neighbors(W, i)) * message_bytes(messages[i]) for i in messages)
-    return received, sent
+def exact_gossip(comm: Communicator, states: dict[int, State], W: np.ndarray) -> tuple[dict[int, State], int]:
+    """``X_i <- sum_j W_ij X_j`` for every local client and every tensor separately.
+
+    Returns:
+        The mixed local states and the bytes the local clients sent.
+    """
+    received, sent = comm.send(states, W)
+    return {i: mix_row(W, i, received[i] | {i: own}) for i, own in states.items()}, sent
 
 
 def compressed_gossip(
@@ -49,13 +56,10 @@ def compressed_gossip(
     """
     generators = generators or {}
     messages = {i: quantizer.encode(s, generators.get(i)) for i, s in states.items()}
-    received, sent = _send(comm, messages, W)
+    received, sent = comm.send(messages, W)
     mixed: dict[int, State] = {}
     for i, own in states.items():
-        inbox = {j: quantizer.decode(m, own) for j, m in received[i].items()} | {i: own}
-        mixed[i] = {
-            name: sum(W[i, j] * inbox[j][name].double() for j in sorted(inbox)).to(own[name].dtype) for name in own
-        }
+        mixed[i] = mix_row(W, i, {j: quantizer.decode(m, own) for j, m in received[i].items()} | {i: own})
     return mixed, sent
 
 
@@ -115,7 +119,7 @@ class ChocoGossip:
             )
             for i, own in states.items()
         }
-        received, sent = _send(comm, messages, W)
+        received, sent = comm.send(messages, W)
         mixed: dict[int, State] = {}
         for i, own in states.items():
             inbox = received[i] | {i: messages[i]}  # the sender applies its own q exactly as receivers do
@@ -156,7 +160,7 @@ def build_gossip(
     consensus_step: float = 1.0,
     seed: int = 0,
 ) -> QuantizedGossip | ChocoGossip | None:
-    """The gossip strategy for the ``comm.*`` options; None = exact gossip (``Communicator.gossip``)."""
+    """The gossip strategy for the ``comm.*`` options; None = exact gossip (:func:`exact_gossip`)."""
     quantizer = Quantizer(bits, scale, rounding)
     if error_feedback:
         return ChocoGossip(quantizer, consensus_step, seed)
