@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, _head
+from conftest import SHARED_DATA, _head, require_shared_data
 
 from declora.config import ConfigError, DataConfig, ModelConfig
 from declora.data import BatchStream, collate, load_task
@@ -30,8 +30,7 @@ def test_sst2_local_files_load_with_quotes_intact(sst2_small: Path, tokenizer) -
 
 
 def test_agnews_string_labels_map_to_the_four_classes(tmp_path: Path, tokenizer) -> None:  # noqa: ANN001
-    if not (SHARED_DATA / "agnews" / "train.tsv").is_file():
-        pytest.skip("shared AG News data not found")
+    require_shared_data("agnews")
     for split in ("train", "test"):
         _head(SHARED_DATA / "agnews" / f"{split}.tsv", tmp_path / f"{split}.tsv", 200)
     data = load_task(DataConfig(task="agnews", path=str(tmp_path)), tokenizer, max_length=128)

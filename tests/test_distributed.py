@@ -171,6 +171,7 @@ def test_peer_failure_message_is_one_line_naming_peer_and_round() -> None:
     assert "rank unknown" in str(PeerFailure(None, 1, 0, "total", "x"))
 
 
+@pytest.mark.distributed
 def test_four_process_ring_equals_the_simulation(three_rounds: list[str], simulated: Path, tmp_path: Path) -> None:
     out = tmp_path / "dist"
     ranks = launch_ranks(4, [*three_rounds, f"out_dir={out}"], tmp_path)
@@ -200,6 +201,7 @@ def test_four_process_ring_equals_the_simulation(three_rounds: list[str], simula
             torch.testing.assert_close(ours[key], tensor, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.distributed
 def test_killed_rank_makes_its_peers_stop_naming_it_and_resume_finishes_the_run(
     three_rounds: list[str], simulated: Path, tmp_path: Path
 ) -> None:
@@ -222,6 +224,7 @@ def test_killed_rank_makes_its_peers_stop_naming_it_and_resume_finishes_the_run(
     assert [r["round"] for r in read_metrics(out / "ranks" / "rank_3")] == [1, 2, 3]
 
 
+@pytest.mark.distributed
 def test_hung_rank_is_named_after_the_timeout(tiny_overrides: list[str], tmp_path: Path) -> None:
     args = [*tiny_overrides, f"out_dir={tmp_path / 'dist'}", "comm.timeout_s=4", "checkpoint_every=0"]
     start = time.time()
@@ -257,6 +260,7 @@ def test_launch_builds_the_torchrun_command_and_checks_the_process_count(capsys:
     assert "use --clients 1" in capsys.readouterr().err
 
 
+@pytest.mark.distributed
 def test_quantized_choco_gossip_over_the_wire_equals_the_simulation(three_rounds: list[str], tmp_path: Path) -> None:
     """4-bit codes (packed uint8) + fp32 scales travel as bytes; CHOCO's public copies agree bit for bit."""
     args = [*three_rounds, "train.rounds=2", "comm.bits=4", "comm.error_feedback=true", "save_adapters=false"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, require_shared_data
 
 from declora.config import load_config
 from declora.rundir import read_metrics
@@ -19,8 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def minilm_overrides(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    if not (SHARED_DATA / "sst2" / "train.tsv").is_file():
-        pytest.skip(f"shared SST-2 data not found at {SHARED_DATA}/sst2")
+    require_shared_data("sst2")
     return [
         "model.name_or_path=minilm",
         f"data.path={SHARED_DATA / 'sst2'}",
