@@ -86,5 +86,6 @@ def tiny_overrides(tiny_bert: Path, sst2_small: Path, tmp_path: Path) -> list[st
         "peft.r=4",
         "progress=false",
         "plots=false",
+        "checkpoint_cleanup=false",  # keep the finished run's checkpoint: resume tests extend finished runs
         f"out_dir={tmp_path / 'run'}",
     ]

@@ -4,7 +4,9 @@ Usage: ``python tests/rank_launcher.py N LOGDIR [train args...]``
 
 The heavy imports (torch, transformers, peft, declora) happen once, here; then one child per rank is
 forked (``RANK``/``WORLD_SIZE`` set, stdout+stderr in ``LOGDIR/rank_<r>.log``). Each child's exit
-status and end time go to ``LOGDIR/rank_<r>.rc`` as ``"<status> <unix time>"``. This stands in for
+status and end time go to ``LOGDIR/rank_<r>.rc`` as ``"<status> <unix time>"``, its pid to
+``LOGDIR/rank_<r>.pid``. With ``DECLORA_TEST_AGENT=1`` it acts as torchrun's agent does: as soon as one
+rank exits with a non-zero status, every other rank gets SIGTERM. This stands in for
 torchrun on a 2-core test machine where importing the stack four times over costs most of a minute.
 The caller starts it in a new session and kills the whole process group when done.
 """
@@ -12,6 +14,7 @@ The caller starts it in a new session and kills the whole process group when don
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import traceback
@@ -49,11 +52,19 @@ def main() -> None:
         if pid == 0:
             os._exit(child(rank, world, logdir, args))
         ranks[pid] = rank
+        with open(os.path.join(logdir, f"rank_{rank}.pid"), "w") as f:
+            f.write(f"{pid}\n")
+    agent = os.environ.get("DECLORA_TEST_AGENT") == "1"
     while ranks:
         pid, status = os.wait()
         rank = ranks.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
         with open(os.path.join(logdir, f"rank_{rank}.rc"), "w") as f:
-            f.write(f"{os.waitstatus_to_exitcode(status)} {time.time()}\n")
+            f.write(f"{code} {time.time()}\n")
+        if agent and code != 0:  # torchrun's agent: one worker failed -> SIGTERM the others
+            agent = False
+            for other in ranks:
+                os.kill(other, signal.SIGTERM)
 
 
 if __name__ == "__main__":

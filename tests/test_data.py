@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import SHARED_DATA, _head, require_shared_data
 
-from declora.config import ConfigError, DataConfig, ModelConfig
+from declora.config import DataConfig, ModelConfig
 from declora.data import BatchStream, collate, load_task
+from declora.errors import DataError
 from declora.models import load_tokenizer
 
 
@@ -60,7 +61,7 @@ def test_generic_task_with_csv_and_pairs(tmp_path: Path, tokenizer) -> None:  # 
 def test_unknown_label_values_are_named(tmp_path: Path, tokenizer) -> None:  # noqa: ANN001
     (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\tmaybe\n")
     (tmp_path / "test.tsv").write_text("sentence\tlabel\ngood\t1\n")
-    with pytest.raises(ConfigError, match="unknown labels"):
+    with pytest.raises(DataError, match="unknown labels"):
         load_task(DataConfig(task="sst2", path=str(tmp_path)), tokenizer, max_length=16)
 
 

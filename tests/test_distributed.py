@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from declora.comm.distributed import PeerFailure, pack, unpack
+from declora.comm import dist_safety
+from declora.comm.distributed import DistributedCommunicator, PeerFailure, pack, unpack
+from declora.comm.messages import MessageRejected
 from declora.config import ConfigError, load_config
 from declora.rundir import read_metrics
 from declora.trainer import run
@@ -41,10 +44,12 @@ def launch_ranks(
     env: dict[str, str] | None = None,
     timeout: float = 150,
     exits: int | None = None,
+    poke: Callable[[Path], None] | None = None,
 ) -> list[Rank]:
     """Run ``declora train ARGS`` as ``world`` ranks (file:// rendezvous in ``tmp``).
 
     Returns when ``exits`` ranks (default all) have exited or after ``timeout`` s; then kills the rest.
+    ``poke(logdir)`` is called every 0.2 s meanwhile (to signal ranks: their pids are in ``rank_<r>.pid``).
     """
     logs = tmp / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -60,6 +65,8 @@ def launch_ranks(
         while time.time() < deadline and proc.poll() is None:
             if len(list(logs.glob("rank_*.rc"))) >= (exits or world):
                 break
+            if poke is not None:
+                poke(logs)
             time.sleep(0.2)
     finally:
         try:
@@ -271,3 +278,103 @@ def test_quantized_choco_gossip_over_the_wire_equals_the_simulation(three_rounds
     rows = read_metrics(out)
     assert_rows_close(rows, read_metrics(sim["run_dir"]))
     assert rows[0]["bytes_sent"] < sim["message_bytes"] * 8 / 6  # 8 messages of ~1/8 the fp32 size
+
+
+def test_wire_header_check_names_the_sender_for_every_mismatch() -> None:
+    own = {"a": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.uint8)}
+    size = pack(own).numel()
+    dist_safety.check_header(dist_safety.wire_header(own, 2, 5, size), own, size, 2, 5)  # a good one passes
+    short = {"a": torch.zeros(5), "b": own["b"]}
+    cases = [
+        (dist_safety.wire_header(own, 3, 5, size), "claims to come from client 3"),
+        (dist_safety.wire_header(own, 2, 4, size), "stale or future round 4"),
+        (dist_safety.wire_header(short, 2, 5, pack(short).numel()), f"payload of {size - 4} bytes, expected {size}"),
+        (dist_safety.wire_header({"a": own["a"].double(), "b": own["b"]}, 2, 5, size), "wrong tensor names"),
+        (torch.zeros(dist_safety.HEADER_LEN, dtype=torch.int64), "not a declora message"),
+    ]
+    for header, reason in cases:
+        with pytest.raises(MessageRejected, match=reason) as err:
+            dist_safety.check_header(header, own, size, 2, 5)
+        assert (err.value.sender, err.value.round) == (2, 5)
+
+
+def test_sigterm_line_names_the_local_peer_whose_process_exited() -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid no longer exists
+    comm = DistributedCommunicator(1, 4)
+    comm.round = 3
+    comm.processes = {0: dist_safety.this_process(), 2: f"{os.uname().nodename} {gone.pid}", 3: "elsewhere 1"}
+    assert dist_safety.exited(comm.processes) == [2]  # alive (this process) and other machines are not listed
+    assert comm.sigterm_line().startswith("rank 1: peer rank 2 is missing at round 3 (its process exited;")
+    assert comm.sigterm_code() == 1
+    comm.processes = {0: dist_safety.this_process()}
+    assert "stopped by SIGTERM at round 3; no peer on this machine has exited" in comm.sigterm_line()
+    assert comm.sigterm_code() == 143
+
+
+def _errors(rank: Rank) -> list[str]:
+    return [line for line in rank.log.splitlines() if line.startswith("declora: error")]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["nan", "shape"])
+def test_a_nan_or_wrong_size_message_stops_the_run_naming_its_sender(
+    kind: str, tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    """Rank 1 sends NaN (or a tensor one element short) in round 2: its ring neighbours 0 and 2 name it,
+    nothing is mixed (no round 2 row or checkpoint), no process aborts inside gloo, every rank says one line."""
+    ranks = launch_ranks(4, tiny_overrides, tmp_path, env={"DECLORA_POISON": f"1@2:{kind}"}, timeout=120)
+    logs = "\n".join(r.log[-1500:] for r in ranks)
+    assert [r.rc for r in ranks] == [1, 1, 1, 1], logs  # not -6 (SIGABRT in gloo on a size mismatch)
+    reason = "non-finite values in" if kind == "nan" else "payload of"
+    for r in (0, 2):
+        assert f"rank {r}: peer rank 1 sent a bad message at round 2: {reason}" in ranks[r].log, logs
+    assert "peer rank 1 sent a bad message at round 2" in ranks[3].log, logs  # told through the store
+    assert all(len(_errors(r)) == 1 for r in ranks), logs
+    out = tmp_path / "run"
+    assert [r["round"] for r in read_metrics(out)] == [1]
+    assert all(np.isfinite(r["train_loss"]) for r in read_metrics(out))
+
+
+@pytest.mark.distributed
+def test_under_a_torchrun_like_agent_every_survivor_names_the_dead_rank(
+    tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    """Rank 2 exits at the start of round 2 and the launcher SIGTERMs the others at once, as torchrun's
+    agent does: each survivor still prints its one line naming rank 2 and the round."""
+    args = [*tiny_overrides, "train.rounds=3", "checkpoint_every=0"]
+    env = {"DECLORA_FAULT": "2@2", "DECLORA_TEST_AGENT": "1"}
+    ranks = launch_ranks(4, args, tmp_path, env=env, timeout=120)
+    assert ranks[2].rc == 17
+    for r in (0, 1, 3):
+        assert ranks[r].rc == 1, ranks[r].log[-2000:]
+        assert len(_errors(ranks[r])) == 1 and "peer rank 2 is missing at round 2" in _errors(ranks[r])[0]
+        assert ranks[r].ended - ranks[2].ended < 10
+
+
+@pytest.mark.distributed
+def test_sigterm_while_blocked_in_a_gloo_wait_prints_one_line_at_once(
+    tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    """Rank 2 hangs in round 2, so its neighbours block inside gloo (timeout 60 s); SIGTERM to the
+    others makes each print its line and exit within seconds, not after the timeout."""
+    args = [*tiny_overrides, "comm.timeout_s=60", "checkpoint_every=0"]
+    sent: list[float] = []
+
+    def poke(logs: Path) -> None:
+        hanging = logs / "rank_2.log"
+        if not sent and hanging.is_file() and "hangs at round 2" in hanging.read_text():
+            time.sleep(2)  # the others reach the exchange and block in it
+            for r in (0, 1, 3):
+                os.kill(int((logs / f"rank_{r}.pid").read_text()), signal.SIGTERM)
+            sent.append(time.time())
+
+    ranks = launch_ranks(4, args, tmp_path, env={"DECLORA_FAULT": "2@2:hang"}, timeout=90, exits=3, poke=poke)
+    assert sent
+    for r in (0, 1, 3):
+        assert ranks[r].rc == 143, ranks[r].log[-2000:]
+        assert _errors(ranks[r]) == [
+            f"declora: error: rank {r}: stopped by SIGTERM at round 2; no peer on this machine has exited (a peer "
+            "on another machine failed, or the run was cancelled: see the launcher's log)"
+        ]
+        assert ranks[r].ended - sent[0] < 5

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from declora.config import ConfigError, DataConfig
-from declora.data import TASKS, TaskData, TokenizedSplit, _labels, _subsample, read_splits
+from declora.data import TASKS, TaskData, TokenizedSplit, _labels, _subsample, read_splits, tokenize_in_chunks
 
 IGNORE = -100  # the label torch's cross-entropy (and transformers' LM loss) skips
 
@@ -64,8 +64,8 @@ def encode(
         ``(input_ids, lm_labels)``: per example, ``len(prompt) + len(answer) + 1`` ids, and the same
         ids with ``-100`` on every prompt token.
     """
-    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenize_in_chunks(tokenizer, prompts, add_special_tokens=True)["input_ids"]
+    answer_ids = tokenize_in_chunks(tokenizer, answers, add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     bos = tokenizer.bos_token_id
     ids, labels = [], []
@@ -80,9 +80,11 @@ def encode(
     return ids, labels
 
 
-def _read(cfg: DataConfig, columns: dict[str, str], seed: int) -> tuple[dict[str, Any], str]:
+def _read(
+    cfg: DataConfig, columns: dict[str, str], seed: int, given: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], str]:
     """Both splits (subsampled like data.load_task) and their source; every named column must exist."""
-    raw, source = read_splits(cfg)
+    raw, source = read_splits(cfg, given)
     for part, ds in raw.items():
         for option, col in columns.items():
             if col not in ds.column_names:
@@ -92,8 +94,11 @@ def _read(cfg: DataConfig, columns: dict[str, str], seed: int) -> tuple[dict[str
     return raw, source
 
 
-def load_causal_task(cfg: DataConfig, tokenizer: Any, max_length: int, seed: int = 0) -> TaskData:
-    """Load both splits and tokenize them as prompt + answer with answer-only labels.
+def load_causal_task(
+    cfg: DataConfig, tokenizer: Any, max_length: int, seed: int = 0, given: dict[str, Any] | None = None
+) -> TaskData:
+    """Load both splits (or the in-memory ``given`` ones, see :func:`declora.data.read_splits`) and
+    tokenize them as prompt + answer with answer-only labels.
 
     Labelled data (sst2, agnews, generic with ``data.label_column``) is scored by its verbalizers;
     instruction data (``data.prompt_column`` + ``data.answer_column``) by its answer tokens.
@@ -107,7 +112,7 @@ def load_causal_task(cfg: DataConfig, tokenizer: Any, max_length: int, seed: int
     columns = {f"data.template field {{{f}}}": f for f in fields}
     if cfg.answer_column is not None:
         columns["data.answer_column"] = cfg.answer_column
-        raw, source = _read(cfg, columns, seed)
+        raw, source = _read(cfg, columns, seed, given)
         split = {
             part: _instruction_split(ds, template, cfg.answer_column, tokenizer, max_length) for part, ds in raw.items()
         }
@@ -120,7 +125,7 @@ def load_causal_task(cfg: DataConfig, tokenizer: Any, max_length: int, seed: int
             "data.task=generic with model.task_type=causal_lm needs data.label_column or data.answer_column"
         )
     columns["data.label_column"] = label_col
-    raw, source = _read(cfg, columns, seed)
+    raw, source = _read(cfg, columns, seed, given)
     if spec is not None:
         names = list(spec.label_names)
     else:

@@ -20,39 +20,14 @@ import sys
 from typing import Any
 
 from declora.config import ConfigError
+from declora.errors import DecloraError, PeerError, debug_requested, one_line
 
 
 def _format_summary(summary: dict[str, Any]) -> str:
-    """A two-column table of the headline numbers."""
-    keys = [
-        ("algorithm", "algorithm"),
-        ("clients", "clients"),
-        ("topology", "topology"),
-        ("spectral gap", "spectral_gap"),
-        ("rounds x local steps", None),
-        ("best accuracy", "best_accuracy"),
-        ("best round", "best_round"),
-        ("final accuracy", "final_accuracy"),
-        ("final client accuracy (mean)", "final_client_accuracy_mean"),
-        ("final consensus error", "final_consensus_error"),
-        ("bytes sent (total)", "total_bytes_sent"),
-        ("trainable params", "trainable_params"),
-        ("base model (MB)", "base_model_mb"),
-        ("wall (s)", "wall_s"),
-        ("samples/s", "samples_per_s"),
-        ("peak RSS (MB)", "peak_rss_mb"),
-        ("run dir", "run_dir"),
-    ]
-    rows = []
-    for label, key in keys:
-        value: Any = f"{summary['rounds']} x {summary['local_steps']}" if key is None else summary.get(key)
-        if isinstance(value, float):
-            value = f"{value:.4f}" if value < 1e3 else f"{value:.1f}"
-        elif isinstance(value, int) and value >= 10_000:
-            value = f"{value:,}"
-        rows.append((label, "-" if value is None else str(value)))
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
+    """A two-column table of the headline numbers (see :func:`declora.cli_run.format_summary`)."""
+    from declora.cli_run import format_summary
+
+    return format_summary(summary)
 
 
 def quiet_libraries() -> None:
@@ -76,11 +51,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)
     quiet_libraries()
+    from declora.cli_run import AnnounceRunDir, format_summary
     from declora.trainer import run
 
-    summary = run(cfg)
+    summary = run(cfg, callbacks=[AnnounceRunDir()])
     print("\nsummary")
-    print(_format_summary(summary))
+    print(format_summary(summary))
     return 0
 
 
@@ -111,7 +87,37 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return launch(args.clients, args.overrides, args.config, dry_run=args.dry_run)
 
 
+def cmd_peer(args: argparse.Namespace) -> int:
+    from declora.swarm_launch import run_peer
+
+    summary = run_peer(args.config, args.overrides)
+    print("\nsummary (this peer's own model)")
+    print(_format_summary(summary))
+    return 0
+
+
+def cmd_swarm(args: argparse.Namespace) -> int:
+    from declora.swarm_launch import launch_swarm, parse_late
+
+    return launch_swarm(args.clients, args.overrides, args.config, args.out, parse_late(args.late, args.clients))
+
+
+# `declora partition` takes flags, not dotted options: its errors name the flag (declora.cli_run).
 def cmd_partition(args: argparse.Namespace) -> int:
+    from declora.cli_run import partition_flag_hints
+
+    try:
+        return _partition(args)
+    except DecloraError as err:
+        raise type(err)(partition_flag_hints(str(err))) from None
+
+
+def _partition_name(p: Any) -> str:
+    """``dirichlet(α=0.1)``, ``shards(k=2)``, or the kind."""
+    return {"dirichlet": f"dirichlet(α={p.alpha})", "shards": f"shards(k={p.shards_per_client})"}.get(p.kind, p.kind)
+
+
+def _partition(args: argparse.Namespace) -> int:
     """Per-client label counts of a split, from the labels alone (no model, no tokenizer)."""
     import numpy as np
 
@@ -127,6 +133,8 @@ def cmd_partition(args: argparse.Namespace) -> int:
         ("partition.shards_per_client", args.shards_per_client),
         ("data.path", args.data_path),
         ("data.max_train_examples", args.max_train_examples),
+        ("data.label_column", args.label_column),
+        ("data.text_column", args.text_column),
     ):
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -135,6 +143,9 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
     datasets.disable_progress_bars()
     labels, names, source = load_train_labels(cfg.data, seed=args.seed)
+    from declora.data_checks import check_proportions
+
+    check_proportions(cfg.partition.kind, cfg.partition.proportions, names, source)  # a row per class at most
     p = cfg.partition
     try:
         parts = partitioner_from_config(p, args.clients, args.seed).split(labels)
@@ -152,15 +163,17 @@ def cmd_partition(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"label_names": names, "partition_counts": np.asarray(counts).tolist()}))
     if args.plot:
-        plot_partition(counts, args.plot, names, f"{p.kind}, N={args.clients}")
+        plot_partition(counts, args.plot, names, f"{_partition_name(p)}, N={args.clients}, {source}")
         print(f"wrote {args.plot}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from declora.compare import load_run, markdown_table, plot_compare, write_csv
+    from declora.compare import differences, load_run, markdown_table, plot_compare, write_csv
 
     runs = [load_run(d) for d in args.run_dirs]
+    for warning in differences(runs):  # settings that make the numbers incomparable
+        print(f"declora: warning: {warning}", file=sys.stderr)
     print(markdown_table(runs))
     if args.csv:
         write_csv(runs, args.csv)
@@ -224,7 +237,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="declora", description="Decentralized LoRA fine-tuning (Dec-LoRA).")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (also DECLORA_DEBUG=1; any position)"
+    )
+    from declora import __version__
+    from declora.cli_run import add_run_commands
+
+    parser.add_argument("--version", action="version", version=f"declora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_run_commands(sub)  # eval, predict, export (declora.cli_run)
 
     p = sub.add_parser("train", help="train with a config file and/or dotted key=value overrides")
     p.add_argument("--config", help="YAML file (keys as in `declora train --help-config`)")
@@ -257,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="sst2", help="sst2, agnews or generic (as data.task)")
     p.add_argument("--data-path", default=None, help="as data.path (default: ./data/<task>, ../shared/data/<task>)")
     p.add_argument("--max-train-examples", type=int, default=None, help="as data.max_train_examples")
+    p.add_argument("--label-column", default=None, help="label column of generic data (as data.label_column)")
+    p.add_argument("--text-column", default=None, help="text column of generic data (as data.text_column)")
     p.add_argument("--seed", type=int, default=0, help="partition seed (train.seed of a run)")
     p.add_argument("--json", action="store_true", help="also print the counts as JSON")
     p.add_argument("--plot", default=None, help="write a stacked bar chart (PNG) of the counts")
@@ -298,27 +321,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command and exit")
     p.add_argument("overrides", nargs="*", help="dotted train overrides, e.g. train.rounds=3")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("peer", help="run one serverless swarm peer (runtime=swarm); prints its address first")
+    p.add_argument("--config", help="YAML file (keys as in `declora train --help-config`)")
+    p.add_argument("overrides", nargs="*", help="e.g. swarm.client_id=1 swarm.initial_peers=[/ip4/.../p2p/...]")
+    p.set_defaults(func=cmd_peer)
+
+    p = sub.add_parser("swarm", help="try a swarm on this machine: N local peers, then the assembled result")
+    p.add_argument("--clients", type=int, required=True, help="number of peers = train.clients")
+    p.add_argument("--config", help="YAML file (keys as in `declora train --help-config`)")
+    p.add_argument("--out", default=None, help="folder for peer_<i>/ run dirs and the summary (runs/<time>-swarm)")
+    p.add_argument(
+        "--late", action="append", metavar="PEER@ROUND", help="start PEER only once the swarm is in ROUND (a newcomer)"
+    )
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every peer, e.g. train.rounds=3")
+    p.set_defaults(func=cmd_swarm)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every :class:`DecloraError` is one line and its exit code (see declora.errors).
+
+    ``--debug`` (anywhere on the line) or ``DECLORA_DEBUG=1`` shows the traceback instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"declora: error: {err}", file=sys.stderr)
-        return 2
+    except DecloraError as err:
+        if debug:
+            raise
+        print(one_line(err), file=sys.stderr, flush=True)  # one line: what, where, the fix
+        dist = sys.modules.get("torch.distributed")
+        if isinstance(err, PeerError) or (dist is not None and dist.is_available() and dist.is_initialized()):
+            sys.stdout.flush()
+            os._exit(err.exit_code)  # not sys.exit: gloo threads still waiting on a peer would abort the exit
+        return err.exit_code
     except KeyboardInterrupt:
         print("declora: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as err:
-        from declora.comm.distributed import PeerFailure
-
-        if not isinstance(err, PeerFailure):
-            raise
-        print(f"declora: error: {err}", file=sys.stderr, flush=True)  # one line: who, when, what
-        sys.stdout.flush()
-        os._exit(1)  # not sys.exit: gloo threads still waiting on the dead peer would abort the exit
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""``declora compare RUN_DIR ...``: one table (Markdown and CSV) and overlaid curves over finished runs.
+"""``declora compare RUN_DIR ...``: one table (Markdown and CSV) and overlaid curves over runs.
 
 Reads only the run-directory contract (``config.yaml``, ``summary.json``, ``metrics.jsonl``), so it
-works on any run, old or new, simulated or distributed.
+works on any run, old or new, simulated or distributed. A run without ``summary.json`` (still going,
+or stopped) is read from its config and metrics and marked ``(unfinished t/T)``. :func:`differences`
+names the settings that make runs incomparable (evaluation set, sample budget, lr, batch size, model);
+the CLI prints them as warnings, and the table shows those columns.
 
 Example:
     >>> rows = [load_run(d) for d in ["runs/a", "runs/b"]]  # doctest: +SKIP
@@ -34,6 +37,19 @@ COLUMNS = [
     ("total bytes", "total_bytes_sent"),
     ("trainable params", "trainable_params"),
     ("wall s", "wall_s"),
+    ("model", "model"),
+    ("eval set", "eval_set"),
+    ("samples", "samples"),
+    ("lr", "lr"),
+    ("batch", "batch_size"),
+]
+# Settings that should match for a comparison to mean something: (row key, what it is).
+COMPARABLE = [
+    ("eval_key", "evaluation set"),
+    ("samples", "training budget (samples)"),
+    ("lr", "learning rate"),
+    ("batch_size", "batch size"),
+    ("model", "model"),
 ]
 
 
@@ -44,6 +60,7 @@ class RunRecord:
     path: Path
     row: dict[str, Any]
     metrics: list[dict[str, Any]]
+    finished: bool = True
 
 
 def _partition_label(config: dict[str, Any]) -> str:
@@ -59,33 +76,82 @@ def _partition_label(config: dict[str, Any]) -> str:
     return str(kind)
 
 
+def _from_metrics(metrics: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    """An unfinished run's summary fields, from its metrics rows and config."""
+    train = config.get("train") or {}
+    last = metrics[-1] if metrics else {}
+    best = max(metrics, key=lambda m: m["accuracy"]) if metrics else {}
+    return {
+        "algorithm": train.get("algorithm"),
+        "clients": train.get("clients"),
+        "rounds": last.get("round"),
+        "topology": (config.get("topology") or {}).get("kind")
+        if str(train.get("algorithm")).startswith("dec_")
+        else None,
+        "best_accuracy": best.get("accuracy"),
+        "final_accuracy": last.get("accuracy"),
+        "final_client_accuracy_mean": last.get("client_accuracy_mean"),
+        "final_consensus_error": last.get("consensus_error"),
+        "total_bytes_sent": sum(m.get("bytes_sent") or 0 for m in metrics),
+        "model": (config.get("model") or {}).get("name_or_path"),
+    }
+
+
 def load_run(path: str | Path) -> RunRecord:
-    """Read one run directory.
+    """Read one run directory, finished or not.
 
     Raises:
-        ConfigError: the folder is not a finished run (no summary.json or metrics.jsonl).
+        ConfigError: the folder is not a run (no summary.json, and no metrics.jsonl + config.yaml).
     """
     from omegaconf import OmegaConf
 
     path = Path(path)
-    for name in ("summary.json", "metrics.jsonl"):
-        if not (path / name).is_file():
-            raise ConfigError(f"{path}: no {name}; give the directory of a finished `declora train` run")
-    summary = json.loads((path / "summary.json").read_text())
+    finished = (path / "summary.json").is_file() and (path / "metrics.jsonl").is_file()
+    if not finished and not ((path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()):
+        raise ConfigError(
+            f"{path}: no summary.json (nor metrics.jsonl + config.yaml); give a `declora train` run directory"
+        )
     config: dict[str, Any] = {}
     if (path / "config.yaml").is_file():
         config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))  # type: ignore[assignment]
     lines = (path / "metrics.jsonl").read_text().splitlines()
     metrics = [json.loads(line) for line in lines if line.strip()]
+    summary = json.loads((path / "summary.json").read_text()) if finished else _from_metrics(metrics, config)
     algorithm = summary.get("algorithm")
+    train, data = config.get("train") or {}, config.get("data") or {}
     row = {key: summary.get(key) for _, key in COLUMNS}
+    planned = train.get("rounds")
     row |= {
-        "run": path.name,
+        "run": path.name if finished else f"{path.name} (unfinished {summary.get('rounds') or 0}/{planned})",
         "peft_method": summary.get("peft_method") or (config.get("peft") or {}).get("method", "lora"),
         "topology": summary.get("topology") or ("server" if algorithm == "fedavg" else "-"),
         "partition": _partition_label(config) if config else summary.get("partition"),
+        "model": summary.get("model") or (config.get("model") or {}).get("name_or_path"),
+        "lr": train.get("lr"),
+        "batch_size": train.get("batch_size"),
     }
-    return RunRecord(path, row, metrics)
+    split = data.get("eval_split") or "test"
+    n = summary.get("eval_examples") or data.get("max_eval_examples")
+    row["eval_set"] = f"{summary.get('task') or data.get('task')}/{split}" + (f" n={n}" if n else "") if data else None
+    row["eval_key"] = (row["eval_set"], summary.get("data_source") or data.get("path"))
+    return RunRecord(path, row, metrics, finished)
+
+
+def differences(runs: list[RunRecord]) -> list[str]:
+    """One warning per comparability setting on which the runs differ (unknown values are ignored)."""
+    out = []
+    for key, what in COMPARABLE:
+        values = {r.row["run"]: r.row.get(key) for r in runs}
+        known = {v for v in values.values() if v is not None and v != (None, None)}
+        if len(known) > 1:
+            shown = ", ".join(f"{run}: {v[0] if isinstance(v, tuple) else v}" for run, v in values.items())
+            if key == "eval_key" and len({v[0] for v in known}) == 1:
+                shown = ", ".join(f"{run}: {v[1]}" for run, v in values.items())  # same split, other data
+            out.append(f"runs differ in {what} ({shown}): their numbers are not directly comparable")
+    unfinished = [r.row["run"] for r in runs if not r.finished]
+    if unfinished:
+        out.append(f"unfinished runs (numbers so far): {', '.join(unfinished)}")
+    return out
 
 
 def _fmt(key: str, value: Any) -> str:
@@ -95,6 +161,8 @@ def _fmt(key: str, value: Any) -> str:
         return f"{value:.2e}"
     if key == "total_bytes_sent":
         return _human_bytes(value)
+    if key == "lr":
+        return f"{value:g}"
     if isinstance(value, float):
         return f"{value:.4f}" if key.endswith("accuracy") or key.endswith("_mean") else f"{value:.1f}"
     if isinstance(value, int) and value >= 10_000:
@@ -116,7 +184,9 @@ def markdown_table(runs: list[RunRecord]) -> str:
         "| " + " | ".join(title for title, _ in COLUMNS) + " |",
         "|"
         + "|".join(
-            "---" if key in ("run", "algorithm", "peft_method", "topology", "partition") else "---:"
+            "---"
+            if key in ("run", "algorithm", "peft_method", "topology", "partition", "model", "eval_set")
+            else "---:"
             for _, key in COLUMNS
         )
         + "|",
@@ -130,7 +200,7 @@ def write_csv(runs: list[RunRecord], path: str | Path) -> None:
     """The table with raw numbers (bytes in bytes, full precision), one row per run."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[key for _, key in COLUMNS] + ["run_dir"])
+        writer = csv.DictWriter(f, fieldnames=[key for _, key in COLUMNS] + ["run_dir"], extrasaction="ignore")
         writer.writeheader()
         for r in runs:
             writer.writerow({**r.row, "run_dir": str(r.path)})
@@ -156,28 +226,43 @@ def cumulative_bytes(run: RunRecord) -> list[float]:
 def plot_compare(runs: list[RunRecord], path: str | Path) -> None:
     """Two panels: averaged-model accuracy vs round, and vs cumulative bytes sent (log scale).
 
-    Runs that send nothing (centralized, local) appear in the first panel only.
+    A run that sends nothing (centralized, local) cannot sit on a log axis: the bytes panel shows its
+    final accuracy as a dashed horizontal line, labelled as sending 0 bytes. One legend, below both
+    panels, names every run once (unfinished runs are marked in their name).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(11, 4.2))
+    from declora.plots import integer_rounds
+
+    fig = Figure(figsize=(11, 4.6 + 0.25 * ((len(runs) + 2) // 3)))
     FigureCanvasAgg(fig)
     by_round, by_bytes = fig.subplots(1, 2)
+    handles, rounds_seen, silent = [], [], []
     for r in runs:
         label = r.row["run"]
         acc = [m["accuracy"] for m in r.metrics]
-        line = by_round.plot([m["round"] for m in r.metrics], acc, marker="o", ms=3, label=label)[0]
+        rounds = [m["round"] for m in r.metrics]
+        rounds_seen += rounds
+        line = by_round.plot(rounds, acc, marker="o", ms=3, label=label)[0]
+        handles.append(line)
         sent = cumulative_bytes(r)
         if sent and sent[-1] > 0:
-            by_bytes.plot(sent, acc, marker="o", ms=3, color=line.get_color(), label=label)
+            by_bytes.plot(sent, acc, marker="o", ms=3, color=line.get_color())
+        elif acc:
+            silent.append((acc[-1], line.get_color()))
+    for acc, color in silent:  # after the others, so the axis limits are known
+        by_bytes.axhline(acc, ls="--", lw=1.2, color=color)
     by_round.set(xlabel="round", ylabel="held-out accuracy (averaged model)")
-    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
-    by_bytes.set(xlabel="total bytes sent (all clients)", ylabel="held-out accuracy", xscale="log")
+    integer_rounds(by_round, rounds_seen)
+    by_bytes.set(xlabel="total bytes sent (all clients)", ylabel="held-out accuracy")
+    if any(line.get_xdata().size for line in by_bytes.get_lines() if line.get_linestyle() != "--"):
+        by_bytes.set_xscale("log")
+    if silent:  # in the label, where it covers no data
+        by_bytes.set_xlabel("total bytes sent (all clients); dashed: sends 0 bytes (final accuracy)")
     for ax in (by_round, by_bytes):
         ax.grid(alpha=0.3)
-    by_round.legend(fontsize="small")
-    fig.tight_layout()
+    fig.legend(handles=handles, fontsize="small", loc="lower center", ncol=min(3, max(len(runs), 1)), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(runs) + 2) // 3), 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,48 @@ def _choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
+# train.lr_scheduler: names of transformers.get_scheduler (declora.schedule builds them)
+_SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt")
+
+
+def _fraction(name: str, value: float, *, one: bool = True) -> None:
+    """A probability/fraction in [0, 1] (``one=False``: [0, 1)); NaN and inf fail the comparison."""
+    if not (0.0 <= value <= 1.0 and (one or value < 1.0)):
+        raise ConfigError(f"{name}={value} must be in [0, {'1]' if one else '1)'}")
+
+
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value} must be a finite number {'>= 0' if allow_zero else '> 0'}")
+
+
+def _int_at_least(name: str, value: int | None, low: int, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value is None or value < low:
+        raise ConfigError(f"{name}={value} must be an integer >= {low}{' or null' if optional else ''}")
+
+
+def _seed(name: str, value: int | None) -> None:
+    """Seeds feed numpy (>= 0) and torch (< 2**64); 0 .. 2**32 - 1 works everywhere."""
+    if value is not None and not 0 <= value < 2**32:
+        raise ConfigError(f"{name}={value} must be an integer in 0..{2**32 - 1}")
+
+
+def _check_finite(obj: Any, prefix: str) -> None:
+    """Every float of every section (and inside lists) is finite: NaN and inf never pass, new options too."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+            continue
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, (list, tuple)):
+                stack.extend(item)
+            elif isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{prefix}{f.name}={value} must be finite (not NaN or infinity)")
 
 
 @dataclass
@@ -89,6 +129,12 @@ class PeftConfig:
     r: int = _f(16, "LoRA rank (peft LoraConfig.r).")
     lora_alpha: float = _f(16.0, "LoRA scaling numerator: the update is (lora_alpha / r) * B A.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input (peft LoraConfig.lora_dropout).")
+    ranks: list[int] | None = _f(
+        None,
+        "Heterogeneous LoRA ranks, one per peer (a shorter list repeats over the peers, e.g. [2, 4, 8, 16]); "
+        "peft.r must be max(ranks). Peers mix the products B A and re-factor to their own rank "
+        "(train.algorithm=dec_decaf, or local). null = every peer has rank peft.r.",
+    )
     target_modules: list[str] | None = _f(
         None, "Module names that get adapters; null = peft's default for the architecture."
     )
@@ -125,6 +171,16 @@ class PeftConfig:
             raise ConfigError(f"peft.encoder_hidden_size={self.encoder_hidden_size} must be >= 1 or null")
         if self.r < 1:
             raise ConfigError(f"peft.r={self.r} must be >= 1 (the paper uses 2 to 16)")
+        if self.ranks is not None:
+            if not self.ranks or any(r < 1 for r in self.ranks):
+                raise ConfigError(f"peft.ranks={self.ranks} must list ranks >= 1, e.g. [2, 4, 8, 16]")
+            if self.method != "lora":
+                raise ConfigError(f"peft.ranks applies to peft.method=lora; unset it for peft.method={self.method}")
+            if max(self.ranks) != self.r:
+                raise ConfigError(
+                    f"peft.ranks={self.ranks}: the shared model is built at the largest rank: "
+                    f"set peft.r={max(self.ranks)}"
+                )
         _positive("peft.lora_alpha", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"peft.lora_dropout={self.lora_dropout} must be in [0, 1)")
@@ -145,6 +201,21 @@ class DataConfig:
     eval_split: str | None = _f(None, "Held-out split; null = the task's default (sst2: test = GLUE validation).")
     max_train_examples: int | None = _f(None, "Keep a seeded random subset of the training split.")
     max_eval_examples: int | None = _f(None, "Keep a seeded random subset of the held-out split.")
+    validation_split: str = _f(
+        "auto",
+        "Split that picks the best round (summary best_round, adapters/best); the held-out split is what is "
+        "reported. auto = the data's dev split (a local dev/validation/val file) if it has one, else none "
+        "(best_round then picked on the held-out split); none; or a split name. See declora.validation.",
+    )
+    max_validation_examples: int | None = _f(
+        500, "Seeded subset of the validation split scored each round (its cost per round); null = all of it."
+    )
+    group_by_length: bool = _f(
+        False,
+        "Batch examples of similar length (HF Trainer's group_by_length): each client's epoch is shuffled, "
+        "sorted by length within mega-batches of up to 50 batches, cut into batches, and the batches shuffled; "
+        "less padding per batch. Seeded and resumable.",
+    )
     template: str | None = _f(
         None,
         "model.task_type=causal_lm: the prompt, with {column} fields, e.g. 'Review: {sentence}\\nSentiment:'. "
@@ -172,7 +243,7 @@ class DataConfig:
             raise ConfigError(f"data.verbalizers={self.verbalizers} must be distinct")
         if self.verbalizers is not None and not all(self.verbalizers):
             raise ConfigError("data.verbalizers must be non-empty strings, e.g. [' negative', ' positive']")
-        for name in ("max_train_examples", "max_eval_examples"):
+        for name in ("max_train_examples", "max_eval_examples", "max_validation_examples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"data.{name}={value} must be >= 1 or null")
@@ -194,6 +265,14 @@ class PartitionConfig:
         _positive("partition.alpha", self.alpha)
         if self.kind == "label_proportions" and not self.proportions:
             raise ConfigError("partition.proportions is required for partition.kind=label_proportions")
+        _int_at_least("partition.min_partition_size", self.min_partition_size, 0)
+        _int_at_least("partition.shards_per_client", self.shards_per_client, 1)
+        _seed("partition.seed", self.seed)
+        for row in self.proportions or []:
+            if not row or any(not math.isfinite(x) or x < 0 for x in row):
+                raise ConfigError(
+                    f"partition.proportions row {row} must hold finite numbers >= 0, e.g. [[0.15, 0.85], [0.85, 0.15]]"
+                )
 
 
 @dataclass
@@ -204,8 +283,18 @@ class TopologyConfig:
     rows: int | None = _f(None, "Rows of a torus/grid; null = the most square factorisation.")
     edges_file: str | None = _f(None, "Whitespace-separated 'i j' edge list for kind=edge_list.")
     seed: int | None = _f(None, "Graph seed; null = train.seed.")
+    link_drop: float = _f(
+        0.0, "Probability in [0, 1] that each edge of the graph fails in a round (drawn per round from train.seed)."
+    )
+    dynamic_mixing: str = _f(
+        "diagonal",
+        "W_t on a round's live graph: diagonal (a failed edge's weight moves onto both ends' diagonal; "
+        "computable by each peer alone) or metropolis (Metropolis weights of the live graph).",
+    )
 
     def __post_init__(self) -> None:
+        _fraction("topology.link_drop", self.link_drop)
+        _choice("topology.dynamic_mixing", self.dynamic_mixing, ("diagonal", "metropolis"))
         _choice(
             "topology.kind",
             self.kind,
@@ -214,6 +303,8 @@ class TopologyConfig:
         _choice("topology.mixing", self.mixing, ("laplacian", "metropolis", "max_degree"))
         if not 0.0 < self.p <= 1.0:
             raise ConfigError(f"topology.p={self.p} must be in (0, 1]")
+        _int_at_least("topology.rows", self.rows, 1, optional=True)
+        _seed("topology.seed", self.seed)
         if self.kind == "edge_list" and not self.edges_file:
             raise ConfigError("topology.edges_file is required for topology.kind=edge_list")
 
@@ -236,8 +327,46 @@ class TrainConfig:
     momentum: float = _f(0.0, "SGD momentum.")
     max_grad_norm: float | None = _f(None, "Clip each local step's gradient norm; null = no clipping.")
     seed: int = _f(0, "Seeds the adapter init, data order, partition and graph.")
+    mixed_precision: str = _f(
+        "no",
+        "Autocast the local steps' forward pass: no, bf16 (CUDA with bf16, or a CPU with AVX512-BF16/AMX) or "
+        "fp16 (CUDA only, with loss scaling). Adapters and optimizer state stay float32; evaluation is float32.",
+    )
     clients_per_round: int | None = _f(
         None, "fedavg: clients sampled (seeded, per round) to train and send; null = all of them."
+    )
+    divergence_factor: float | None = _f(
+        None,
+        "Divergence guard: stop (exit 1, last good checkpoint kept) when a client's mean training loss of a "
+        "round exceeds this many times its initial value, e.g. 10; null = off (non-finite values always stop).",
+    )
+    peer_dropout: float = _f(
+        0.0,
+        "Probability in [0, 1) that each peer is offline in a round (no local steps, sends and receives "
+        "nothing, keeps its state); drawn per round from train.seed.",
+    )
+    availability_file: str | None = _f(
+        None,
+        "YAML or CSV schedule of offline peers per round (entries {rounds: 5-8, offline: 0-4}; rounds '4-' "
+        "= from round 4 on, for good); see declora.availability.",
+    )
+    stragglers: float = _f(
+        0.0, "Probability in [0, 1] that an online peer straggles in a round: it takes only straggler_steps of K."
+    )
+    straggler_steps: float = _f(
+        0.5, "Fraction in (0, 1] of train.local_steps a straggler finishes (at least one step)."
+    )
+    lr_scheduler: str = _f(
+        "constant",
+        "Per-client learning-rate schedule over its rounds x local_steps optimizer steps (transformers' "
+        "get_scheduler): constant, linear, cosine, cosine_with_restarts, polynomial, inverse_sqrt.",
+    )
+    warmup_steps: int = _f(0, "Linear warmup over this many local optimizer steps (overrides warmup_ratio).")
+    warmup_ratio: float = _f(0.0, "Linear warmup over this fraction of the schedule's steps, in [0, 1).")
+    grad_accumulation: int = _f(
+        1,
+        "Micro-batches per optimizer step: each local step averages the gradients of this many batches of "
+        "train.batch_size examples (so it sees batch_size x grad_accumulation examples).",
     )
 
     def __post_init__(self) -> None:
@@ -254,11 +383,39 @@ class TrainConfig:
                     f"train.clients_per_round={self.clients_per_round} must be in 1..train.clients={self.clients}"
                 )
         _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         for name in ("clients", "rounds", "local_steps", "batch_size"):
             if getattr(self, name) < (0 if name == "rounds" else 1):
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= {0 if name == 'rounds' else 1}")
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        if not (math.isfinite(self.momentum) and 0.0 <= self.momentum < 1.0):
+            raise ConfigError(f"train.momentum={self.momentum} must be in [0, 1) (SGD momentum; 0 = none)")
+        if self.max_grad_norm is not None:
+            _positive("train.max_grad_norm", self.max_grad_norm)  # a negative norm would flip the gradient
+        _seed("train.seed", self.seed)
+        factor = self.divergence_factor
+        if factor is not None and not (math.isfinite(factor) and factor > 1):
+            raise ConfigError(
+                f"train.divergence_factor={self.divergence_factor} must be a number > 1 (e.g. 10) or null (off)"
+            )
+        _fraction("train.peer_dropout", self.peer_dropout, one=False)
+        _fraction("train.stragglers", self.stragglers)
+        if not 0.0 < self.straggler_steps <= 1.0:
+            raise ConfigError(f"train.straggler_steps={self.straggler_steps} must be in (0, 1]")
+        if self.availability_file is not None:
+            from declora.availability import load_schedule
+
+            load_schedule(self.availability_file, self.clients)  # a bad schedule stops here, before any model
+        _choice("train.lr_scheduler", self.lr_scheduler, _SCHEDULERS)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if self.warmup_steps > 0 and self.warmup_ratio > 0:
+            raise ConfigError("train.warmup_steps and train.warmup_ratio are alternatives: set one of them to 0")
+        if self.grad_accumulation < 1:
+            raise ConfigError(f"train.grad_accumulation={self.grad_accumulation} must be >= 1")
 
 
 @dataclass
@@ -273,6 +430,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ConfigError(f"eval.every={self.every} must be >= 1")
+        _int_at_least("eval.batch_size", self.batch_size, 1)
+        _int_at_least("eval.client_max_examples", self.client_max_examples, 1, optional=True)
 
 
 @dataclass
@@ -328,6 +487,111 @@ class CommConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    mechanism: str = _f(
+        "none",
+        "none, or dp_sgd: every peer clips each example's gradient of its trainable tensors to max_grad_norm and "
+        "adds Gaussian noise (declora.privacy); epsilon per peer goes to metrics.jsonl and summary.json.",
+    )
+    max_grad_norm: float = _f(1.0, "dp_sgd: per-example clipping bound C (L2 over all trained tensors jointly).")
+    noise_multiplier: float | None = _f(
+        None, "dp_sgd: sigma (noise std = sigma * C per coordinate); or null and set privacy.target_epsilon."
+    )
+    target_epsilon: float | None = _f(
+        None, "dp_sgd: the epsilon each peer may spend over the run's planned steps; sigma is derived from it."
+    )
+    delta: float = _f(1e-5, "dp_sgd: delta of the (epsilon, delta) guarantee; keep it below 1 / a peer's examples.")
+    poisson: bool = _f(
+        True,
+        "dp_sgd: Poisson sampling (each example in each step with probability batch_size / peer examples), "
+        "which the accountant assumes; false = shuffled fixed-size batches, accounted as if Poisson.",
+    )
+    accountant: str = _f("rdp", "dp_sgd: Opacus accountant, rdp (Renyi DP) or prv (tighter, slower).")
+    secure_rng: bool = _f(
+        False,
+        "dp_sgd: draw noise and batches from OS entropy (not reproducible) instead of train.seed; a guarantee "
+        "against anyone who may know the config needs true.",
+    )
+
+    def __post_init__(self) -> None:
+        _choice("privacy.mechanism", self.mechanism, ("none", "dp_sgd"))
+        _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
+        _positive("privacy.max_grad_norm", self.max_grad_norm)
+        if self.noise_multiplier is not None:
+            _positive("privacy.noise_multiplier", self.noise_multiplier, allow_zero=True)
+        if self.target_epsilon is not None:
+            _positive("privacy.target_epsilon", self.target_epsilon)
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"privacy.delta={self.delta} must be in (0, 1), e.g. 1e-5")
+        sigma, target = self.noise_multiplier is not None, self.target_epsilon is not None
+        if self.mechanism == "none" and (sigma or target):
+            raise ConfigError("privacy.noise_multiplier/target_epsilon need privacy.mechanism=dp_sgd; set it")
+        if self.mechanism == "dp_sgd" and sigma == target:
+            raise ConfigError("privacy.mechanism=dp_sgd: set exactly one of privacy.noise_multiplier, target_epsilon")
+
+
+def _check_privacy(cfg: Config) -> None:
+    """DP-SGD against the options it cannot run with (per-example gradients go through torch.func.vmap)."""
+    if cfg.privacy.mechanism == "none":
+        return
+    if cfg.peft.method not in ("lora", "ia3", "head_only"):
+        raise ConfigError(
+            f"privacy.mechanism=dp_sgd supports peft.method lora, ia3 or head_only, not {cfg.peft.method} "
+            "(prompt methods rebuild the attention mask, which per-example gradients cannot vmap)"
+        )
+    if cfg.model.quantization != "none":
+        raise ConfigError("privacy.mechanism=dp_sgd needs model.quantization=none (no vmap through bitsandbytes)")
+    if cfg.train.max_grad_norm is not None:
+        raise ConfigError(
+            "privacy.mechanism=dp_sgd clips each example to privacy.max_grad_norm: unset train.max_grad_norm"
+        )
+    if getattr(cfg.data, "group_by_length", False):
+        raise ConfigError(
+            "privacy.mechanism=dp_sgd needs data.group_by_length=false (batches must not depend on the data)"
+        )
+
+
+@dataclass
+class SwarmConfig:
+    client_id: int = _f(0, "runtime=swarm: this peer's client id (its node in the graph and its data share), 0..N-1.")
+    initial_peers: list[str] = _f(
+        [], "runtime=swarm: multiaddrs of any live peers to join through ([] = this peer starts the swarm)."
+    )
+    host: str = _f("127.0.0.1", "runtime=swarm: interface to listen on (0.0.0.0 = all, for other machines).")
+    port: int = _f(0, "runtime=swarm: TCP port to listen on; 0 = any free port (open a fixed one in the firewall).")
+    announce_maddrs: list[str] = _f(
+        [], "runtime=swarm: public multiaddrs to announce (behind NAT with a forwarded port); [] = what libp2p sees."
+    )
+    use_relay: bool = _f(True, "runtime=swarm: allow reaching peers behind NAT through libp2p circuit relays.")
+    use_auto_relay: bool = _f(False, "runtime=swarm: behind NAT yourself: find a relay to become reachable.")
+    identity_path: str | None = _f(
+        None, "runtime=swarm: key file fixing this peer's ID (created if missing); null = <out_dir>/swarm/identity.key"
+    )
+    allowlist_file: str | None = _f(
+        None, "runtime=swarm: allowed peer IDs, one 'PEER_ID [CLIENT_ID]' per line; null = anyone may join (testing)."
+    )
+    round_timeout_s: float = _f(
+        120.0, "runtime=swarm: per-round deadline after the local steps; neighbours not exchanged by then are skipped."
+    )
+    startup_timeout_s: float = _f(
+        600.0, "runtime=swarm: seconds a peer waits at start for its graph neighbours before training without them."
+    )
+    record_ttl_s: float = _f(
+        20.0, "runtime=swarm: lifetime of a peer's DHT record (refreshed every third): how fast a dead peer vanishes."
+    )
+    name: str = _f("declora", "runtime=swarm: the swarm's name (DHT key prefix): peers of one run share it.")
+
+    def __post_init__(self) -> None:
+        _int_at_least("swarm.client_id", self.client_id, 0)
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"swarm.port={self.port} must be in 0..65535 (0 = any free port)")
+        for name in ("round_timeout_s", "startup_timeout_s", "record_ttl_s"):
+            _positive(f"swarm.{name}", getattr(self, name))
+        if not self.name or any(c.isspace() for c in self.name):
+            raise ConfigError(f"swarm.name={self.name!r} must be a non-empty word")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
@@ -341,23 +605,51 @@ class Config:
     plots: bool = _f(True, "Write plots/ at the end of the run.")
     save_adapters: bool = _f(True, "Save adapters/average and adapters/client_<i> in PEFT format.")
     comm: CommConfig = field(default_factory=CommConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
     runtime: str = _f(
         "simulation",
         "simulation: all clients in this process; distributed: one process per client over torch.distributed "
-        "(torchrun --nproc-per-node N -m declora train runtime=distributed ..., or declora launch).",
+        "(torchrun --nproc-per-node N -m declora train runtime=distributed ..., or declora launch); swarm: one "
+        "serverless peer per process over hivemind (declora peer / declora swarm, see swarm.*).",
     )
     checkpoint_every: int = _f(
         1, "Checkpoint every client's adapter, optimizer and data position every this many rounds; 0 = never."
+    )
+    checkpoint_keep: int = _f(1, "Complete checkpoints kept while a run goes on (the newest); older ones are deleted.")
+    checkpoint_cleanup: bool = _f(
+        True,
+        "Delete checkpoints/ once a run has finished (adapters, metrics, summary stay). false keeps the last "
+        "one, so that resume=RUN_DIR train.rounds=MORE can extend the finished run.",
     )
     resume: str | None = _f(
         None,
         "Run directory to continue from its last complete checkpoint (its config.yaml is the base; "
         "overrides may raise train.rounds); null = start afresh.",
     )
+    overwrite: bool = _f(
+        False, "Replace the run already in out_dir (its files are deleted once set-up succeeds); false = refuse."
+    )
+    resume_from_scratch: bool = _f(
+        False,
+        "resume=RUN_DIR whose checkpoints are all damaged or incomplete: start again from round 1 instead of "
+        "stopping (a damaged newest round otherwise falls back to the newest intact one).",
+    )
+    report_to: list[str] = _f(
+        [],
+        "Experiment trackers (HF's name): any of tensorboard (<run>/tensorboard), mlflow (MLFLOW_TRACKING_URI), "
+        "wandb (WANDB_PROJECT, WANDB_MODE); [] or [none] = none. Each needs its extra: pip install declora[NAME].",
+    )
 
     def __post_init__(self) -> None:
-        _choice("runtime", self.runtime, ("simulation", "distributed"))
+        _check_finite(self, "")
+        _choice("runtime", self.runtime, ("simulation", "distributed", "swarm"))
+        _check_swarm(self)
+        for tracker in self.report_to:
+            _choice("report_to", tracker, ("tensorboard", "mlflow", "wandb", "none"))
         _check_task_type(self)
+        _check_churn_and_ranks(self)
+        _check_privacy(self)
         if (self.comm.bits != 32 or self.comm.error_feedback) and self.train.algorithm != "dec_lora":
             raise ConfigError(
                 f"comm.bits/comm.error_feedback compress dec_lora's gossip; train.algorithm={self.train.algorithm} "
@@ -365,6 +657,8 @@ class Config:
             )
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = never)")
+        if self.checkpoint_keep < 1:
+            raise ConfigError(f"checkpoint_keep={self.checkpoint_keep} must be >= 1 (the newest checkpoint)")
         if self.resume is not None and not (Path(self.resume) / "config.yaml").is_file():
             raise ConfigError(f"resume={self.resume}: not a run directory (no config.yaml); give an earlier out_dir")
         if self.train.algorithm in ("dec_ffa_lora", "dec_decaf") and self.peft.method != "lora":
@@ -372,6 +666,49 @@ class Config:
                 f"train.algorithm={self.train.algorithm} acts on LoRA factors: set peft.method=lora "
                 f"(or train.algorithm=dec_lora for peft.method={self.peft.method})"
             )
+
+
+def _check_swarm(cfg: Config) -> None:
+    """runtime=swarm: gossip whose exchanges may fail (W_t moves a failed edge's weight to the diagonal)."""
+    if cfg.runtime != "swarm":
+        return
+    if cfg.train.algorithm not in ("dec_lora", "dec_ffa_lora", "local"):
+        raise ConfigError(
+            f"runtime=swarm runs dec_lora, dec_ffa_lora or local; train.algorithm={cfg.train.algorithm} needs every "
+            "peer in every round: use runtime=distributed"
+        )
+    if cfg.comm.error_feedback:
+        raise ConfigError("comm.error_feedback (CHOCO) needs every exchange to happen: set it false for runtime=swarm")
+    if cfg.swarm.client_id >= cfg.train.clients:
+        raise ConfigError(f"swarm.client_id={cfg.swarm.client_id} must be < train.clients={cfg.train.clients}")
+
+
+def _check_churn_and_ranks(cfg: Config) -> None:
+    """Churn options (link_drop, peer_dropout, ...) and peft.ranks against the algorithm and runtime."""
+    t = cfg.train
+    if t.algorithm == "centralized" and (t.peer_dropout or t.availability_file or t.stragglers):
+        raise ConfigError(
+            "train.algorithm=centralized has one pooled model: unset train.peer_dropout/stragglers/availability_file"
+        )
+    if cfg.topology.link_drop and t.algorithm in ("centralized", "local", "fedavg"):
+        raise ConfigError(f"topology.link_drop needs a graph; train.algorithm={t.algorithm} has none: set it to 0")
+    churn = t.peer_dropout or t.availability_file or t.stragglers or cfg.topology.link_drop
+    if churn and cfg.comm.error_feedback:
+        raise ConfigError(
+            "comm.error_feedback (CHOCO) needs every exchange to happen: set it to false with churn options"
+        )
+    ranks = cfg.peft.ranks
+    if ranks is None:
+        return
+    if len(ranks) > t.clients:
+        raise ConfigError(f"peft.ranks has {len(ranks)} entries for train.clients={t.clients}: give one per peer")
+    if t.algorithm not in ("dec_decaf", "local"):
+        raise ConfigError(
+            f"peft.ranks (heterogeneous ranks) needs product mixing: set train.algorithm=dec_decaf (or local), "
+            f"not {t.algorithm}"
+        )
+    if cfg.runtime != "simulation":
+        raise ConfigError("peft.ranks runs in runtime=simulation only (messages of different sizes); unset it")
 
 
 def _check_task_type(cfg: Config) -> None:
@@ -385,15 +722,23 @@ def _check_task_type(cfg: Config) -> None:
             raise ConfigError(f"data.{name} applies to model.task_type=causal_lm; set it or unset data.{name}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> Config:
     """Build a validated :class:`Config` from defaults, an optional YAML file and dotted overrides.
 
     With ``resume=RUN_DIR``, ``RUN_DIR/config.yaml`` is the base under ``path`` and ``overrides``, and
     ``out_dir`` is ``RUN_DIR``.
 
+    Example:
+        >>> load_config({"train": {"clients": 4}, "train.rounds": 2}, ["peft.r=4"]).train.rounds
+        2
+
     Args:
-        path: YAML file whose keys mirror :class:`Config` (unknown keys are errors).
-        overrides: ``key=value`` strings, e.g. ``["train.clients=10", "topology.kind=ring"]``.
+        path: YAML file whose keys mirror :class:`Config` (unknown keys are errors), or the same as a
+            dict (nested, dotted keys, or both), or a :class:`Config`.
+        overrides: ``key=value`` strings, e.g. ``["train.clients=10", "topology.kind=ring"]``, or a dict
+            as for ``path``.
 
     Raises:
         ConfigError: one line naming the offending option.
@@ -401,22 +746,56 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     schema = OmegaConf.structured(Config)
     try:
         layers = [schema]
-        if path is not None:
+        if isinstance(path, (dict, Config)):
+            layers.append(_layer(path))
+        elif path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"--config {path}: no such file")
             layers.append(OmegaConf.load(path))
+        if isinstance(overrides, dict):
+            layers.append(_layer(overrides))
+            overrides = []
         for item in overrides or []:
-            if "=" not in item:
+            if not isinstance(item, str) or "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key=value, e.g. train.clients=10")
         layers.append(OmegaConf.from_dotlist(list(overrides or [])))
         merged = OmegaConf.merge(*layers)
         saved = Path(merged.resume or "") / "config.yaml"
         if merged.resume is not None and saved.is_file():  # continue a run: its config is the base layer
-            merged = OmegaConf.merge(schema, OmegaConf.load(saved), *layers[1:])
+            base = OmegaConf.load(saved)
+            for once in ("overwrite", "resume_from_scratch"):  # said for one start, never inherited
+                base.pop(once, None)
+            merged = OmegaConf.merge(schema, base, *layers[1:])
             merged.out_dir = merged.resume  # and it continues in its own directory
+        elif isinstance(path, (str, Path)) and merged.out_dir is not None:
+            from declora.protect import reloaded_out_dir  # RUN/config.yaml records RUN: start a new folder
+
+            overridden = any("out_dir" in layer for layer in layers[2:])
+            merged.out_dir = reloaded_out_dir(merged.out_dir, True, overridden, None)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]  # runs every __post_init__
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from None
+
+
+def _layer(values: dict[str, Any] | Config) -> Any:
+    """An OmegaConf layer from a Config or a dict whose keys may be dotted (``{"train.clients": 4}``)."""
+    if isinstance(values, Config):
+        return OmegaConf.structured(values)
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r} must be a string such as 'train.clients'")
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {key!r}: {part!r} is an option, not a section")
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = OmegaConf.to_container(OmegaConf.merge(node[leaf], value))
+        else:
+            node[leaf] = value
+    return OmegaConf.create(nested)
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:

@@ -15,7 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from declora import data_checks
 from declora.config import ConfigError, DataConfig
+from declora.errors import DataError
+from declora.length_grouping import grouped_order
 
 
 @dataclass(frozen=True)
@@ -90,16 +93,24 @@ def _split_file(directory: Path, split: str) -> Path:
     )
 
 
-def _load_local(directory: Path, split: str) -> Any:
+def _load_local(directory: Path, split: str, label_column: str | None = None) -> Any:
+    """One split file as a Dataset; empty, header-only or unparsable files and blank label rows are
+    DataErrors naming the file (and row), see :mod:`declora.data_checks`."""
     import datasets
 
     file = _split_file(directory, split)
+    data_checks.check_file(file)
     builder = _EXTENSIONS[file.suffix]
     kwargs: dict[str, Any] = {}
     if file.suffix == ".tsv":
         # QUOTE_NONE: SST-2 sentences contain bare quote characters that are not CSV quoting.
         kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
-    return datasets.load_dataset(builder, data_files={split: str(file)}, split=split, **kwargs)
+    try:
+        ds = datasets.load_dataset(builder, data_files={split: str(file)}, split=split, **kwargs)
+    except Exception as err:  # the loader's errors are long and do not name the file
+        raise data_checks.load_error(file, err) from None
+    data_checks.check_rows(ds, file)
+    return data_checks.check_label_column(ds, label_column, file)
 
 
 def _load_hub(spec: TaskSpec, split: str) -> Any:
@@ -118,12 +129,12 @@ def _labels(column: list[Any], names: list[str], where: str) -> np.ndarray:
     if all(isinstance(v, (int, np.integer)) for v in column):
         labels = np.asarray(column, dtype=np.int64)
         if labels.min() < 0 or labels.max() >= len(names):
-            raise ConfigError(f"{where}: labels outside 0..{len(names) - 1}; check data.label_column")
+            raise DataError(f"{where}: labels outside 0..{len(names) - 1}; check data.label_column")
         return labels
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted({str(v) for v in column} - index.keys())
     if unknown:
-        raise ConfigError(f"{where}: unknown labels {unknown[:5]}; expected {names}")
+        raise DataError(f"{where}: unknown labels {unknown[:5]}; expected {names}")
     return np.asarray([index[str(v)] for v in column], dtype=np.int64)
 
 
@@ -134,15 +145,24 @@ def _subsample(ds: Any, limit: int | None, seed: int) -> Any:
     return ds.select(idx.tolist())
 
 
-def read_splits(cfg: DataConfig) -> tuple[dict[str, Any], str]:
-    """The raw train and held-out splits (local directory first, else the hub) and where they came from."""
+def read_splits(cfg: DataConfig, given: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """The raw train and held-out splits (local directory first, else the hub) and where they came from.
+
+    Args:
+        given: ``{"train": Dataset, "eval": Dataset}`` passed in memory (``declora.train(data=...)``);
+            used instead of any file, then treated exactly as the files would be.
+    """
+    if given is not None:
+        return dict(given), "in-memory datasets.Dataset"
     spec = TASKS.get(cfg.task)
     directory = find_data_dir(cfg)
     if directory is None and spec is None:
         raise ConfigError("data.task=generic needs data.path=DIR")
     if directory is not None:
         eval_split = cfg.eval_split or (spec.local_eval_split if spec else "test")
-        raw = {"train": _load_local(directory, cfg.train_split), "eval": _load_local(directory, eval_split)}
+        label = cfg.label_column or (spec.label_column if spec else None)
+        raw = {"train": _load_local(directory, cfg.train_split, label)}
+        raw["eval"] = _load_local(directory, eval_split, label)
         return raw, str(directory)
     assert spec is not None
     eval_split = cfg.eval_split or spec.hub_eval_split
@@ -150,8 +170,29 @@ def read_splits(cfg: DataConfig) -> tuple[dict[str, Any], str]:
     return raw, "hub:" + "/".join(p for p in spec.hub_path if p)
 
 
-def load_task(cfg: DataConfig, tokenizer: Any, max_length: int, seed: int = 0) -> TaskData:
-    """Load, label-map and tokenize the train and held-out splits of ``cfg.task``.
+TOKENIZE_CHUNK = 1000  # rows per tokenizer call: caps the fast tokenizer's per-call Encoding objects
+
+
+def tokenize_in_chunks(
+    tokenizer: Any, texts: list[str], pairs: list[str] | None = None, chunk: int = TOKENIZE_CHUNK, **kwargs: Any
+) -> dict[str, list[list[int]]]:
+    """``tokenizer(texts, pairs, **kwargs)``'s id lists, ``chunk`` rows per call: the same ids, but the
+    transient per-row Encoding objects of one call over a whole split (~200 MB for SST-2's 67k rows) are
+    never all alive at once."""
+    out: dict[str, list[list[int]]] = {}
+    for start in range(0, max(len(texts), 1), chunk):  # one call for an empty split, as before
+        part = pairs[start : start + chunk] if pairs is not None else None
+        enc = tokenizer(texts[start : start + chunk], part, **kwargs)
+        for key, value in enc.items():
+            out.setdefault(key, []).extend(value)
+    return out
+
+
+def load_task(
+    cfg: DataConfig, tokenizer: Any, max_length: int, seed: int = 0, given: dict[str, Any] | None = None
+) -> TaskData:
+    """Load, label-map and tokenize the train and held-out splits of ``cfg.task`` (or ``given`` ones:
+    see :func:`read_splits`).
 
     Raises:
         ConfigError: missing files or columns, unknown labels, unreachable hub.
@@ -161,7 +202,7 @@ def load_task(cfg: DataConfig, tokenizer: Any, max_length: int, seed: int = 0) -
     label_col = cfg.label_column or (spec.label_column if spec else None)
     if text_col is None or label_col is None:
         raise ConfigError("data.task=generic needs data.text_column and data.label_column")
-    raw, source = read_splits(cfg)
+    raw, source = read_splits(cfg, given)
     for part, ds in raw.items():
         for col in (text_col, label_col, cfg.text_pair_column):
             if col is not None and col not in ds.column_names:
@@ -187,7 +228,7 @@ def load_task(cfg: DataConfig, tokenizer: Any, max_length: int, seed: int = 0) -
     def tokenize(ds: Any, part: str) -> TokenizedSplit:
         texts = [str(t) if t is not None else "" for t in ds[text_col]]
         pairs = [str(t) for t in ds[cfg.text_pair_column]] if cfg.text_pair_column else None
-        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        enc = tokenize_in_chunks(tokenizer, texts, pairs, truncation=True, max_length=max_length)
         return TokenizedSplit(
             input_ids=enc["input_ids"],
             token_type_ids=enc.get("token_type_ids") if pairs is not None else None,
@@ -220,7 +261,7 @@ def load_train_labels(cfg: DataConfig, seed: int = 0) -> tuple[np.ndarray, list[
     if directory is None and spec is None:
         raise ConfigError("data.task=generic needs data.path=DIR")
     if directory is not None:
-        ds, source = _load_local(directory, cfg.train_split), str(directory)
+        ds, source = _load_local(directory, cfg.train_split, label_col), str(directory)
     else:
         assert spec is not None
         ds, source = _load_hub(spec, cfg.train_split), "hub:" + "/".join(p for p in spec.hub_path if p)
@@ -245,7 +286,7 @@ def collate(split: TokenizedSplit, indices: np.ndarray, pad_token_id: int, devic
         and ``labels`` (batch,) or, with ``lm_labels``, (batch, seq) token targets; on ``device``.
     """
     rows = [split.input_ids[i] for i in indices]
-    width = max(len(r) for r in rows)
+    width = max((len(r) for r in rows), default=0)  # an empty batch: a DP Poisson draw may pick no example
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for k, r in enumerate(rows):
@@ -268,7 +309,9 @@ class BatchStream:
     """An endless, seeded, resumable stream of minibatch indices over one client's examples.
 
     Each epoch is a fresh permutation drawn from ``(seed, stream_id, epoch)``, so a stream's batches do
-    not depend on what other clients did, and ``state()``/``load_state()`` make resume exact.
+    not depend on what other clients did, and ``state()``/``load_state()`` make resume exact. Given
+    ``lengths`` (``data.group_by_length``), each epoch is length-grouped
+    (:func:`declora.length_grouping.grouped_order`) from the same seed.
 
     Example:
         >>> s = BatchStream(np.arange(5), batch_size=2, seed=0, stream_id=3)
@@ -276,15 +319,22 @@ class BatchStream:
         [2, 2, 2]
     """
 
-    def __init__(self, indices: np.ndarray, batch_size: int, seed: int, stream_id: int) -> None:
+    def __init__(
+        self, indices: np.ndarray, batch_size: int, seed: int, stream_id: int, lengths: np.ndarray | None = None
+    ) -> None:
         if len(indices) == 0:
             raise ConfigError(f"client {stream_id} has no training examples; lower train.clients")
         self.indices, self.batch_size, self.seed, self.stream_id = indices, batch_size, seed, stream_id
+        self.lengths = lengths  # token count per example of the split; None = plain shuffling
         self.epoch, self.pos = 0, 0
         self._perm = self._permutation()
 
     def _permutation(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.stream_id, self.epoch])
+        if self.lengths is not None:
+            # Examples this epoch owes the batch that the previous epoch's last examples began.
+            head = (-self.epoch * len(self.indices)) % self.batch_size
+            return grouped_order(self.indices, self.lengths, self.batch_size, rng, head)
         return self.indices[rng.permutation(len(self.indices))]
 
     def next(self) -> np.ndarray:

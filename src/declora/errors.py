@@ -36,3 +36,15 @@ class PeerError(DecloraError, RuntimeError):
     """A peer is missing or sent something unusable; names the peer and the round."""
 
     exit_code = 1
+
+
+def one_line(err: BaseException) -> str:
+    """``declora: error: <message>`` on one line (a message's own line breaks become spaces)."""
+    return "declora: error: " + " ".join(str(err).split())
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """``--debug`` anywhere on the command line, or ``DECLORA_DEBUG`` set to anything but 0/empty."""
+    import os
+
+    return "--debug" in argv or os.environ.get("DECLORA_DEBUG", "0") not in ("", "0")

@@ -4,6 +4,15 @@ Set ``DECLORA_FAULT=<client>@<round>`` (crash: the process exits at once with co
 as a killed peer would) or ``DECLORA_FAULT=<client>@<round>:hang`` (the process stops answering).
 The fault fires at the start of that round, before the local steps. Unset (the normal case) it does
 nothing. It exists so the failure and resume tests can kill a peer at a precise point.
+
+``DECLORA_POISON=<client>@<round>:nan|shape[,...]`` makes that client *send* a bad message in that
+round (its own state stays good): NaN in its first tensor, or that tensor one element short (a
+message of the wrong shape and size), as a faulty or malicious peer would. Used by runtime=swarm and
+runtime=distributed; see :func:`poisoned`.
+
+``DECLORA_ROUND_DELAY=<seconds>`` makes every round start with that long a sleep (a slower model
+without the CPU cost), so the swarm tests can let a peer join or restart while the others are still
+training.
 """
 
 from __future__ import annotations
@@ -12,7 +21,11 @@ import os
 import sys
 import time
 
+import torch
+
 ENV = "DECLORA_FAULT"
+POISON_ENV = "DECLORA_POISON"
+DELAY_ENV = "DECLORA_ROUND_DELAY"
 EXIT_CODE = 17
 
 
@@ -27,7 +40,13 @@ def parse(spec: str) -> tuple[int, int, str]:
 
 
 def maybe_fail(local_clients: list[int], round_: int) -> None:
-    """Crash or hang here if ``DECLORA_FAULT`` names one of ``local_clients`` and this round."""
+    """Crash or hang here if ``DECLORA_FAULT`` names one of ``local_clients`` and this round.
+
+    Sleeps ``DECLORA_ROUND_DELAY`` seconds first, if set.
+    """
+    delay = os.environ.get(DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
     spec = os.environ.get(ENV)
     if not spec:
         return
@@ -43,3 +62,17 @@ def maybe_fail(local_clients: list[int], round_: int) -> None:
         while True:
             time.sleep(3600)
     os._exit(EXIT_CODE)
+
+
+def poisoned(message: dict[str, torch.Tensor], client: int, round_: int) -> dict[str, torch.Tensor]:
+    """``message``, or its poisoned copy if ``DECLORA_POISON`` names ``client`` and ``round_``."""
+    for spec in filter(None, os.environ.get(POISON_ENV, "").split(",")):
+        target, _, kind = spec.partition(":")
+        who, _, when = target.partition("@")
+        if kind not in ("nan", "shape") or not who.isdigit() or not when.isdigit():
+            raise ValueError(f"{POISON_ENV}={spec!r}: use <client>@<round>:nan or <client>@<round>:shape")
+        if (int(who), int(when)) == (client, round_):
+            name = sorted(message)[0]
+            bad = torch.full_like(message[name], float("nan")) if kind == "nan" else message[name].reshape(-1)[:-1]
+            return message | {name: bad}
+    return message

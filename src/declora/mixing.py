@@ -50,9 +50,26 @@ def mix_states(W: np.ndarray, states: Sequence[State]) -> list[State]:
     return [mix_row(W, i, {j: states[j] for j in np.flatnonzero(W[i] > 0).tolist() + [i]}) for i in range(len(states))]
 
 
+AVERAGE_BLOCK = 64  # clients stacked at once by average_states: bounds its float64 temporary
+
+
 def average_states(states: Sequence[State]) -> State:
-    """The mean over clients of every tensor: the paper's evaluated ("averaged") model."""
-    return {n: torch.stack([s[n].double() for s in states]).mean(0).to(states[0][n].dtype) for n in states[0]}
+    """The mean over clients of every tensor: the paper's evaluated ("averaged") model.
+
+    Up to :data:`AVERAGE_BLOCK` clients are stacked in float64 at once; more are summed block by block,
+    so averaging 1,000 clients does not hold 1,000 float64 copies of the largest tensor (1.2 GB for
+    MiniLM's pooler).
+    """
+    if len(states) <= AVERAGE_BLOCK:
+        return {n: torch.stack([s[n].double() for s in states]).mean(0).to(states[0][n].dtype) for n in states[0]}
+    blocks = range(0, len(states), AVERAGE_BLOCK)
+    return {
+        n: (
+            sum(torch.stack([s[n].double() for s in states[k : k + AVERAGE_BLOCK]]).sum(0) for k in blocks)
+            / len(states)
+        ).to(states[0][n].dtype)
+        for n in states[0]
+    }
 
 
 def consensus_error(states: Sequence[State]) -> float:

@@ -84,15 +84,19 @@ def _gguf_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return {} if gguf is None else {"gguf_file": gguf}
 
 
-def load_tokenizer(cfg: ModelConfig) -> Any:
-    """The model's tokenizer; a causal LM without a pad token pads with its eos token."""
+def load_tokenizer(cfg: ModelConfig, given: Any = None) -> Any:
+    """The model's tokenizer (or ``given``, a tokenizer object); a causal LM without a pad token pads
+    with its eos token (set on ``given`` too)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(cfg.name_or_path, gguf_file_of(cfg))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_gguf_kwargs(cfg))
-    except OSError as err:
-        raise ConfigError(f"model.name_or_path={cfg.name_or_path}: cannot load a tokenizer ({err})") from None
+    if given is not None:
+        tokenizer = given
+    else:
+        path = resolve_model_path(cfg.name_or_path, gguf_file_of(cfg))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **_gguf_kwargs(cfg))
+        except OSError as err:
+            raise ConfigError(f"model.name_or_path={cfg.name_or_path}: cannot load a tokenizer ({err})") from None
     if cfg.task_type == "causal_lm" and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # LLaMA tokenizers have none; padding is masked anyway
     return tokenizer
@@ -116,14 +120,24 @@ def load_base(model_cfg: ModelConfig, num_labels: int, **kwargs: Any) -> nn.Modu
             base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
     except OSError as err:
         raise ConfigError(f"model.name_or_path={model_cfg.name_or_path}: cannot load ({err})") from None
+    return _with_pad_token(base)
+
+
+def _with_pad_token(base: nn.Module) -> nn.Module:
     if base.config.pad_token_id is None:  # decoders have none: classifiers need one, generate() too
         eos = getattr(base.config, "eos_token_id", None)
         base.config.pad_token_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
     return base
 
 
-def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, num_labels: int, seed: int) -> nn.Module:
+def build_model(
+    model_cfg: ModelConfig, peft_cfg: PeftConfig, num_labels: int, seed: int, base: nn.Module | None = None
+) -> nn.Module:
     """Load the frozen base and wrap it with peft; seeded, so every client starts from the same init.
+
+    ``base``: a transformers model object (``declora.train(model=...)``) used instead of loading
+    ``model.name_or_path``; it is wrapped in place, as loaded ones are (``model.dtype`` and
+    ``model.quantization`` apply to loaded models only).
 
     ``seq_cls``: the head (``classifier``) is new and randomly initialised from ``seed``; peft marks it
     trainable through ``modules_to_save`` (its default for sequence classification). ``causal_lm``: no
@@ -133,15 +147,16 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, num_labels: int, s
     from declora.peft_methods import wrap_model
     from declora.quantized_base import bnb_config, keep_4bit_layers_trainable, quiet_bitsandbytes
 
-    path = resolve_model_path(model_cfg.name_or_path, gguf_file_of(model_cfg))
+    path = model_cfg.name_or_path  # a given base: where it came from (peft's tokenizer path, TEXT init)
+    if base is None:
+        path = resolve_model_path(path, gguf_file_of(model_cfg))
     device = select_device(model_cfg.device)
     quant = bnb_config(model_cfg, keep=peft_cfg.modules_to_save or ())  # None unless model.quantization
     if quant is not None:
         quiet_bitsandbytes()
     torch.manual_seed(seed)
-    base = load_base(
-        model_cfg, num_labels, **({} if quant is None else {"quantization_config": quant, "device_map": {"": device}})
-    )
+    kwargs = {} if quant is None else {"quantization_config": quant, "device_map": {"": device}}
+    base = _with_pad_token(base) if base is not None else load_base(model_cfg, num_labels, **kwargs)
     if quant is not None:
         keep_4bit_layers_trainable(base)
     causal = model_cfg.task_type == "causal_lm"

@@ -8,6 +8,7 @@ on CPU as well as on CUDA.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -50,6 +51,30 @@ def bnb_config(model_cfg: ModelConfig, keep: Iterable[str] = ()) -> Any:
         bnb_4bit_compute_dtype=compute[model_cfg.dtype],
         llm_int8_skip_modules=skip,
     )
+
+
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_CPU_NOTICE = "Failed to load CPU gemm_4bit_forward"
+
+
+class _DropBnbCpuNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(BNB_CPU_NOTICE)
+
+
+def hide_bnb_cpu_notice(quantized: bool) -> None:
+    """Drop bitsandbytes' "Failed to load CPU gemm_4bit_forward" warning when the base is not quantized.
+
+    peft imports bitsandbytes whenever it is installed, and on a CPU with AVX512-BF16 bitsandbytes then
+    logs that its optional ``kernels`` package is missing: noise for a run without a 4-bit layer. Only
+    that message is dropped (a filter on its logger, installed before the import), and only when
+    ``quantized`` is false.
+    """
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    for f in [f for f in logger.filters if isinstance(f, _DropBnbCpuNotice)]:
+        logger.removeFilter(f)
+    if not quantized:
+        logger.addFilter(_DropBnbCpuNotice())
 
 
 def check_quantization(model_cfg: ModelConfig, device: torch.device) -> None:

@@ -29,15 +29,18 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from declora.config import ConfigError
+from declora.protect import holds_run
 
 SCALES = ("cpu", "paper")
 CHECKS = ("within", "at_least", "order")
 
 
 def default_recipes_dir() -> Path:
-    """``recipes/reproduce`` of this checkout (editable install), else of the working directory."""
+    """``recipes/reproduce`` of this checkout (editable install), else the copy inside the installed
+    package (a wheel: ``declora/recipes``, see pyproject's package-data), else of the working directory."""
     here = Path(__file__).resolve().parents[2] / "recipes" / "reproduce"
-    return here if here.is_dir() else Path("recipes/reproduce")
+    packaged = Path(__file__).resolve().parent / "recipes" / "reproduce"
+    return next((p for p in (here, packaged) if p.is_dir()), Path("recipes/reproduce"))
 
 
 @dataclass
@@ -194,6 +197,8 @@ def run_experiment(
                 print(f"[{exp.name}] reused {twin} for {run.name} (same config)", flush=True)
                 continue
             cmd = exp.command(run, scale, out)
+            if holds_run(out / exp.name / run.slug):  # --force, or an unfinished run: start it over
+                cmd.append("overwrite=true")
             print(f"[{exp.name}] start {run.name}: {shlex.join(cmd)}", flush=True)
             running.append((run, _launch(cmd, out / exp.name / "logs" / f"{run.slug}.log", threads), time.time()))
         time.sleep(0.5)

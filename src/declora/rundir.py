@@ -26,12 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from declora.config import Config, to_yaml
+from declora.fileio import dumps as strict_json
+from declora.fileio import file_mode
+from declora.protect import new_folder
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, file_mode())  # mkstemp makes 0600; a run's files get what the umask gives any new file
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -67,18 +71,20 @@ class RunDir:
 
     def __init__(self, cfg: Config) -> None:
         default = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.train.algorithm}"
-        self.path = Path(cfg.out_dir) if cfg.out_dir else default
+        self.path = Path(cfg.out_dir) if cfg.out_dir else new_folder(default)  # never another run's folder
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
 
     def write_config(self, cfg: Config) -> None:
         atomic_write_text(self.path / "config.yaml", to_yaml(cfg))
-        env = environment() | {"seed": cfg.train.seed}
+        from declora.provenance import run_environment
+
+        env = environment() | run_environment(cfg.model.name_or_path) | {"seed": cfg.train.seed}
         atomic_write_text(self.path / "environment.json", json.dumps(env, indent=2) + "\n")
 
     def start_metrics(self, rows: list[dict[str, Any]] | tuple = ()) -> None:
         """Start ``metrics.jsonl`` afresh, or with the rows of the rounds a resumed run already did."""
-        atomic_write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
+        atomic_write_text(self.metrics_path, "".join(strict_json(row) + "\n" for row in rows))
 
     def rank_dir(self, rank: int) -> Path:
         """``ranks/rank_<r>/``: one process's own metrics and summary under runtime=distributed."""
@@ -88,22 +94,22 @@ class RunDir:
         """Start ``ranks/rank_<r>/metrics.jsonl``, keeping the rows of rounds <= ``upto_round`` (resume)."""
         path = self.rank_dir(rank) / "metrics.jsonl"
         kept = [r for r in read_metrics(path.parent) if r["round"] <= upto_round] if path.is_file() else []
-        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+        atomic_write_text(path, "".join(strict_json(row) + "\n" for row in kept))
 
     def append_rank_metrics(self, rank: int, row: dict[str, Any]) -> None:
         with (self.rank_dir(rank) / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(strict_json(row) + "\n")
 
     def write_rank_summary(self, rank: int, summary: dict[str, Any]) -> None:
-        atomic_write_text(self.rank_dir(rank) / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.rank_dir(rank) / "summary.json", strict_json(summary, indent=2) + "\n")
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(strict_json(row) + "\n")
             f.flush()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.path / "summary.json", strict_json(summary, indent=2) + "\n")
 
     def adapter_dir(self, name: str) -> Path:
         return self.path / "adapters" / name

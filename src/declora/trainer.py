@@ -8,6 +8,10 @@ for t in 1..T:
     4. checkpoint every client (resume=RUN_DIR continues from the last complete round)
 finish: adapters (PEFT format), summary.json, plots
 
+With churn options (``topology.link_drop``, ``train.peer_dropout``, ...) each round first draws its live
+graph (:mod:`declora.churn`): offline peers skip 1 and 2, stragglers take fewer steps, and 2 mixes with
+W_t, the mixing matrix of the live graph; without them every round is exactly the loop above.
+
 runtime=simulation runs every client in this process; runtime=distributed runs this same loop in one
 process per client (torchrun), the communicator moving tensors between ranks.
 """
@@ -23,16 +27,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from declora import checkpoint
+from declora import checkpoint, protect
 from declora.algorithms import Algorithm, build_algorithm
+from declora.api import Inputs
+from declora.artifacts import describe_adapters, save_best
+from declora.callbacks import CallbackList
 from declora.causal_data import load_causal_task
 from declora.checkpoint import Progress
+from declora.churn import Churn
 from declora.client import Client
 from declora.comm import Communicator, build_communicator
 from declora.config import Config, ConfigError
 from declora.data import BatchStream, TaskData, load_task
+from declora.data_checks import check_proportions
 from declora.evaluate import evaluate, length_sorted
 from declora.fault_injection import maybe_fail
+from declora.fileio import share_files
+from declora.guards import Guard
+from declora.length_grouping import token_lengths
 from declora.mixing import squared_distance, state_bytes
 from declora.models import (
     build_model,
@@ -46,9 +58,14 @@ from declora.models import (
 )
 from declora.partition import partition_counts, partitioner_from_config
 from declora.peft_methods import save_trainable
-from declora.quantized_base import base_model_bytes, check_quantization
+from declora.precision import check_mixed_precision
+from declora.privacy import attach as attach_privacy
+from declora.privacy import metrics as privacy_metrics
+from declora.privacy import summary as privacy_summary
+from declora.quantized_base import base_model_bytes, check_quantization, hide_bnb_cpu_notice
 from declora.rundir import RunDir, atomic_write_text
 from declora.topology import Topology
+from declora.validation import improves, load_validation, select_best
 
 
 @dataclass
@@ -63,6 +80,8 @@ class Setup:
     model: nn.Module
     init: dict[str, torch.Tensor]  # the shared initial trainable state
     device: torch.device
+    validation: TaskData | None = None  # data.validation_split: picks best_round (declora.validation)
+    tokenizer: Any = None  # saved beside adapters/average and adapters/best
 
 
 def build_topology(cfg: Config, algorithm: Algorithm) -> Topology | None:
@@ -78,63 +97,96 @@ def partitioner_split(cfg: Config, labels: np.ndarray) -> list[np.ndarray]:
         raise ConfigError(str(err)) from None
 
 
-def setup(cfg: Config) -> Setup:
-    """Validate and build everything, cheapest checks first, so bad input fails before any training."""
+def setup(cfg: Config, inputs: Inputs | None = None) -> Setup:
+    """Validate and build everything, cheapest checks first, so bad input fails before any training.
+
+    Args:
+        inputs: datasets, model and tokenizer objects used instead of ``data.path``/``model.name_or_path``.
+    """
+    inputs = inputs or Inputs()
+    hide_bnb_cpu_notice(cfg.model.quantization != "none")  # before peft imports bitsandbytes
     algorithm = build_algorithm(cfg.train.algorithm, cfg)
-    resolve_model_path(cfg.model.name_or_path, gguf_file_of(cfg.model))  # a bad path fails before data is read
+    if inputs.model is None:
+        resolve_model_path(cfg.model.name_or_path, gguf_file_of(cfg.model))  # a bad path fails before data is read
     check_quantization(cfg.model, select_device(cfg.model.device))  # bitsandbytes present and working
+    check_mixed_precision(cfg.train.mixed_precision, select_device(cfg.model.device))  # bf16/fp16 supported here
     topology = build_topology(cfg, algorithm)
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, inputs.tokenizer)
     load = load_causal_task if cfg.model.task_type == "causal_lm" else load_task  # prompt + answer tokens
-    data = load(cfg.data, tokenizer, cfg.model.max_length, seed=cfg.train.seed)
+    data = load(cfg.data, tokenizer, cfg.model.max_length, seed=cfg.train.seed, given=inputs.splits)
     workers = algorithm.workers(cfg.train)
+    check_proportions(cfg.partition.kind, cfg.partition.proportions, data.label_names, data.source)
     parts = partitioner_split(cfg, data.train.labels)
     if workers < len(parts):  # pooled (centralized): one model on the union of the clients' data
         parts = [np.sort(np.concatenate(parts))]
 
-    model = build_model(cfg.model, cfg.peft, data.num_labels, seed=cfg.train.seed)
+    model = build_model(cfg.model, cfg.peft, data.num_labels, seed=cfg.train.seed, base=inputs.model)
     init = trainable_state(model)  # the same starting adapter and head for every client
     algorithm.set_initial_state(init)
     model.requires_grad_(False)  # the shared module is frozen: clients hold the trainable copies
-    return Setup(cfg, algorithm, topology, data, parts, model, init, next(model.parameters()).device)
+    validation = None if inputs.splits else load_validation(cfg, tokenizer, data.label_names)
+    device = next(model.parameters()).device
+    return Setup(cfg, algorithm, topology, data, parts, model, init, device, validation, tokenizer)
 
 
 def make_clients(s: Setup, local_ids: list[int]) -> dict[int, Client]:
     trained = {n for n in s.init if s.algorithm.is_trained(n)}
-    return {
+    lengths = token_lengths(s.data.train.input_ids) if s.cfg.data.group_by_length else None
+    clients = {
         i: Client.create(
             i,
-            s.init,
+            s.algorithm.client_init(i, s.init),  # s.init itself unless peft.ranks gives peers their own rank
             trained,
-            BatchStream(s.parts[i], s.cfg.train.batch_size, s.cfg.train.seed, i),
+            BatchStream(s.parts[i], s.cfg.train.batch_size, s.cfg.train.seed, i, lengths),
             s.cfg.train,
+            total_steps=s.cfg.train.rounds * s.algorithm.steps_per_round(s.cfg.train),  # lr schedule horizon
         )
         for i in local_ids
     }
+    return attach_privacy(s.cfg, s.algorithm, s.parts, clients)  # privacy.mechanism=dp_sgd: DP-SGD per peer
 
 
-def run(cfg: Config, comm: Communicator | None = None, run_dir: RunDir | None = None) -> dict[str, Any]:
+def run(
+    cfg: Config,
+    comm: Communicator | None = None,
+    run_dir: RunDir | None = None,
+    *,
+    inputs: Inputs | None = None,
+    callbacks: list[Any] | None = None,
+) -> dict[str, Any]:
     """Train with ``cfg``; returns the summary (also written to ``summary.json``).
 
     Args:
         comm: the transport; None = from ``cfg.runtime`` (under torch.distributed: join the process
             group of ``RANK``/``WORLD_SIZE``, this process being client ``RANK``).
+        inputs: in-memory datasets / model / tokenizer (see :func:`declora.train`).
+        callbacks: :class:`declora.callbacks.Callback` objects; ``report_to`` trackers are added.
     """
     checkpoint.check_resumable(cfg)
+    protect.check_out_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # before any model
     workers = build_algorithm(cfg.train.algorithm).workers(cfg.train)
     own_comm = comm is None
     comm = comm or build_communicator(cfg, workers)
     if cfg.runtime == "distributed" and cfg.out_dir is None:  # every rank must pick the same folder
         stamp = time.localtime(comm.total(time.time() if comm.rank == 0 else 0.0))
         cfg = replace(cfg, out_dir=f"runs/{time.strftime('%Y%m%d-%H%M%S', stamp)}-{cfg.train.algorithm}")
-    s = setup(cfg)
+    hooks = CallbackList(callbacks, cfg, comm.rank)  # the user's callbacks + report_to trackers
+    s = setup(cfg, inputs)
     tc, ec = cfg.train, cfg.eval
     W = s.topology.W if s.topology is not None else np.eye(workers)
+    if cfg.overwrite and cfg.resume is None and cfg.out_dir is not None:  # set-up passed: now replace
+        protect.clear_run(cfg.out_dir)
+        comm.barrier()  # every process has cleared before any writes
     rd = run_dir or RunDir(cfg)
     clients = make_clients(s, comm.local_clients)
     comm.barrier()  # start-up done on every process (distributed: waits up to comm.startup_timeout_s)
-    done = checkpoint.restore(rd.path, clients, s.algorithm, comm, tc.rounds) if cfg.resume else Progress()
+    done = (
+        checkpoint.restore(rd.path, clients, s.algorithm, comm, tc.rounds, cfg.resume_from_scratch)
+        if cfg.resume
+        else Progress()
+    )
+    done = comm.join(done, clients)  # runtime=swarm: catch up with the live peers (no-op otherwise)
     rd.write_config(cfg)  # on every rank: on machines without a shared disk each needs it to resume
     if comm.rank == 0:  # rank 0 writes the run directory; every rank its own adapters (and ranks/rank_<r>)
         rd.start_metrics(done.history)
@@ -143,13 +195,18 @@ def run(cfg: Config, comm: Communicator | None = None, run_dir: RunDir | None = 
     if per_rank:
         rd.start_rank_metrics(comm.rank, done.round)
     steps = s.algorithm.steps_per_round(tc)
+    churn = Churn.from_config(cfg, W, steps)  # None unless a churn option is set: then every round uses W
     avg_idx = length_sorted(s.data)
     client_idx = length_sorted(s.data, ec.client_max_examples)
 
     from tqdm.auto import tqdm
 
+    hooks.train_begin(cfg, rd.path)
+    stop = False
     history: list[dict[str, Any]] = list(done.history)
     total_bytes, train_s, start = done.total_bytes, done.train_s, time.perf_counter() - done.wall_s
+    first_loss = done.history[0]["train_loss"] if done.history else None  # divergence guard's baseline
+    guard = Guard(tc.lr, rd.path, tc.divergence_factor, first_loss)  # stops at the first non-finite value
     bar = tqdm(
         range(done.round + 1, tc.rounds + 1),
         desc=f"{tc.algorithm}",
@@ -160,6 +217,7 @@ def run(cfg: Config, comm: Communicator | None = None, run_dir: RunDir | None = 
     )
     if tc.rounds == 0:  # evaluation only: the initial (zero-shot) model, reported as round 0
         row = {"round": 0, "train_loss": None} | evaluate_round(s, clients, comm, avg_idx, client_idx)
+        guard.evaluation(0, row.get("eval_loss"))
         history.append(row | {"bytes_sent": 0, "wall_s": round(time.perf_counter() - start, 3)})
         if comm.rank == 0:
             rd.append_metrics(history[-1])
@@ -169,11 +227,20 @@ def run(cfg: Config, comm: Communicator | None = None, run_dir: RunDir | None = 
         # 1. Local steps: each client on its own data, with its own optimizer state.
         t0 = time.perf_counter()
         active = s.algorithm.participants(round_, tc)  # all clients, unless the algorithm samples
-        losses = {i: c.local_steps(s.model, s.data, steps, round_, s.device) for i, c in clients.items() if i in active}
+        live = churn.live(round_) if churn else None  # churn: offline peers wait, stragglers take fewer steps
+        if live is not None:
+            active = [i for i in active if i in live.online]
+        k = {i: live.steps[i] if live else steps for i in active}
+        losses = {i: c.local_steps(s.model, s.data, k[i], round_, s.device) for i, c in clients.items() if i in active}
+        guard.losses(round_, losses)
+        guard.states(round_, {i: clients[i].state() for i in losses}, "after local steps")
         # 2. Communication: what is exchanged and how it is combined is the algorithm's business.
-        states, sent = s.algorithm.communicate({i: c.state() for i, c in clients.items()}, comm, W, participants=active)
+        Wt = churn.mixing(live) if live else W  # churn: mixing on the live graph (failed edges carry nothing)
+        mine = {i: c.state() for i, c in clients.items()}
+        states, sent = s.algorithm.communicate(mine, comm, Wt, participants=active)
         for i, c in clients.items():
             c.set_state(states[i])
+        guard.states(round_, {i: c.state() for i, c in clients.items()}, "after exchange")
         train_s += time.perf_counter() - t0
         sent_all = int(comm.total(sent))
         total_bytes += sent_all
@@ -181,29 +248,47 @@ def run(cfg: Config, comm: Communicator | None = None, run_dir: RunDir | None = 
             # 3. Evaluation: the averaged model is the number the paper reports.
             local: dict[int, dict[str, Any]] = {}
             row = evaluate_round(s, clients, comm, avg_idx, client_idx, local)
-            row = {"round": round_, "train_loss": float(np.mean(list(comm.gather(losses).values())))} | row
+            guard.evaluation(round_, row.get("eval_loss"))  # before the row, the checkpoint or DONE
+            trained_losses = list(comm.gather(losses).values())  # empty if every peer was offline
+            row = {"round": round_, "train_loss": float(np.mean(trained_losses)) if trained_losses else None} | row
+            row |= churn.metrics(live, Wt) if live else {}
             row |= {"bytes_sent": sent_all, "wall_s": round(time.perf_counter() - start, 3)}
+            row |= privacy_metrics(clients, comm)  # dp_sgd: epsilon spent so far (max over peers, per peer)
             history.append(row)
             if comm.rank == 0:
                 rd.append_metrics(row)
+            if cfg.save_adapters and improves(history, row):  # a new validation best: adapters/best
+                best = s.algorithm.averaged(comm, {i: c.state() for i, c in clients.items()})
+                if comm.local_clients[0] == 0:
+                    save_best(s.model, best, rd.adapter_dir("best"), save_adapter)
             if per_rank:
                 own = {"round": round_, "rank": comm.rank, "train_loss": losses.get(comm.rank)}
                 own |= local[comm.rank] | {"bytes_sent": sent, "wall_s": row["wall_s"]}
+                own |= {"epsilon": row["epsilon_per_peer"][comm.rank]} if "epsilon" in row else {}
                 rd.append_rank_metrics(comm.rank, own)
             bar.set_postfix(
-                loss=f"{row['train_loss']:.3f}",
+                loss=f"{row['train_loss'] if row['train_loss'] is not None else float('nan'):.3f}",
                 acc=f"{row['accuracy']:.3f}",
                 cons=f"{row['consensus_error']:.2e}",
             )
+        # Callbacks and trackers (declora.callbacks): one may stop the run after this round.
+        evaluated = history[-1] if history and history[-1]["round"] == round_ else None
+        stop = hooks.round_end(round_, evaluated, clients, losses, local if evaluated else {}, comm)
         # 4. Checkpoint: each process saves its clients atomically; rank 0 then marks the round complete.
-        if checkpoint.due(cfg, round_):
+        if checkpoint.due(cfg, round_) or (stop and cfg.checkpoint_every > 0):  # a stopped run can resume
             progress = Progress(round_, history, total_bytes, train_s, time.perf_counter() - start)
-            checkpoint.save(rd.path, progress, clients, s.algorithm, comm)
+            checkpoint.save(rd.path, progress, clients, s.algorithm, comm, keep=cfg.checkpoint_keep)
+        if stop:
+            s.cfg = replace(cfg, train=replace(tc, rounds=round_))  # the summary counts the rounds done
+            break
     bar.close()
 
     summary = finish(s, clients, comm, rd, history, total_bytes, train_s, time.perf_counter() - start)
+    if cfg.checkpoint_cleanup and not stop:  # finished: the checkpoints only served to resume
+        checkpoint.cleanup(rd.path, comm)
     if own_comm:
         comm.close()
+    hooks.train_end(summary, history, cfg)
     return summary
 
 
@@ -220,9 +305,12 @@ def evaluate_round(
     Args:
         local: if given, filled with each local client's own numbers (``ranks/rank_<r>/metrics.jsonl``).
     """
-    mean, _ = comm.average({i: c.state() for i, c in clients.items()})  # metrics only: not counted
+    mean = s.algorithm.averaged(comm, {i: c.state() for i, c in clients.items()})  # metrics only: not counted
     avg = evaluate(s.model, mean, s.data, avg_idx, s.device, s.cfg.eval.batch_size)
     row: dict[str, Any] = {"accuracy": avg.accuracy, "eval_loss": avg.loss}
+    if s.validation is not None:  # model selection only; draws no RNG, so the numbers above are unchanged
+        val = evaluate(s.model, mean, s.validation, length_sorted(s.validation), s.device, s.cfg.eval.batch_size)
+        row |= {"val_accuracy": val.accuracy, "val_loss": val.loss}
     dist = comm.gather({i: squared_distance(c.state(), mean) for i, c in clients.items()})
     row["consensus_error"] = float(np.mean(list(dist.values())))
     if s.cfg.eval.clients:
@@ -254,8 +342,17 @@ def save_adapter(model: nn.Module, state: dict[str, torch.Tensor], path: Any) ->
     tmp = path.parent / f".{path.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_trainable(model, state, tmp)  # peft save_pretrained (head_only: head.safetensors)
+    share_files(tmp)  # safetensors writes 0600: the umask decides, as for every run file
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def churn_summary(s: Setup, workers: int) -> dict[str, Any]:
+    """summary.json's churn fields: rounds each peer missed (empty without churn) and peft.ranks per peer."""
+    W = s.topology.W if s.topology is not None else np.eye(workers)
+    churn = Churn.from_config(s.cfg, W, s.algorithm.steps_per_round(s.cfg.train))
+    out: dict[str, Any] = {"missed_rounds": churn.missed_rounds(s.cfg.train.rounds)} if churn else {}
+    return out | ({"peer_ranks": s.algorithm.ranks} if s.cfg.peft.ranks else {})
 
 
 def finish(
@@ -270,15 +367,16 @@ def finish(
 ) -> dict[str, Any]:
     """Write adapters, summary.json and plots; returns the summary."""
     cfg, tc = s.cfg, s.cfg.train
-    mean, _ = comm.average({i: c.state() for i, c in clients.items()})
+    mean = s.algorithm.averaged(comm, {i: c.state() for i, c in clients.items()})
+    Guard(tc.lr, rd.path).states(tc.rounds, {"average": mean}, "averaged model")  # never an adapter from NaN
     if cfg.save_adapters:
-        if comm.local_clients[0] == 0:
+        if comm.local_clients[0] == 0 and cfg.runtime != "swarm":  # a swarm peer has no global average
             save_adapter(s.model, mean, rd.adapter_dir("average"))
         for i, c in clients.items():
             save_adapter(s.model, c.state(), rd.adapter_dir(f"client_{i}"))
+            s.algorithm.finish_adapter(i, rd.adapter_dir(f"client_{i}"))  # peft.ranks: cut to the peer's rank
     workers = s.algorithm.workers(tc)
-    samples = tc.rounds * s.algorithm.steps_per_round(tc) * tc.batch_size * workers
-    best = max(history, key=lambda r: r["accuracy"])
+    samples = tc.rounds * s.algorithm.steps_per_round(tc) * tc.batch_size * tc.grad_accumulation * workers
     trained = {n: t for n, t in s.init.items() if s.algorithm.is_trained(n)}  # what clients train and send
     counts = partition_counts(s.parts, s.data.train.labels, s.data.num_labels)
     summary = {
@@ -293,8 +391,7 @@ def finish(
         "spectral_gap": s.topology.spectral_gap if s.topology else None,
         "mixing_rms": s.topology.rms_contraction if s.topology else None,
         "partition": cfg.partition.kind,
-        "best_accuracy": best["accuracy"],
-        "best_round": best["round"],
+        **select_best(history),  # best_round on the validation split when there is one
         "final_accuracy": history[-1]["accuracy"],
         "final_client_accuracy_mean": history[-1]["client_accuracy_mean"],
         "final_consensus_error": history[-1]["consensus_error"],
@@ -305,6 +402,7 @@ def finish(
         "peft_method": cfg.peft.method,
         "train_examples": len(s.data.train),
         "eval_examples": len(s.data.eval),
+        "validation_examples": len(s.validation.eval) if s.validation is not None else 0,
         "samples": samples,
         "wall_s": round(wall_s, 2),
         "train_s": round(train_s, 2),
@@ -315,6 +413,8 @@ def finish(
         "data_source": s.data.source,
         "device": str(s.device),
         "seed": tc.seed,
+        **churn_summary(s, workers),
+        **privacy_summary(clients, comm, cfg),  # dp_sgd: final (epsilon, delta) of every peer
         "run_dir": str(rd.path),
     }
     if cfg.runtime == "distributed":  # this rank's own wall time, memory and throughput
@@ -322,12 +422,15 @@ def finish(
     if comm.rank != 0:
         return summary
     rd.write_summary(summary)
+    if cfg.save_adapters:  # portable base name, labels, model card (declora.artifacts)
+        describe_adapters(rd.path, cfg, summary, history, s.tokenizer)
     if cfg.plots:
         from declora.partition import plot_partition
-        from declora.plots import plot_run
+        from declora.plots import plot_churn, plot_run, run_title
 
-        title = f"{tc.algorithm}, {summary['topology'] or 'no graph'}, N={tc.clients}"
+        title = run_title(cfg, summary)
         plot_run(history, rd.path / "plots", title)
+        plot_churn(history, rd.path / "plots", title)  # only with churn: online peers and live edges
         plot_partition(counts, str(rd.path / "plots" / "partition.png"), s.data.label_names, title)
     atomic_write_text(rd.path / "DONE", "")
     return summary

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,6 +34,17 @@ class Algorithm(ABC):
     def steps_per_round(self, train: TrainConfig) -> int:
         """Local optimizer steps each worker takes per round."""
         return train.local_steps
+
+    def client_init(self, client: int, init: State) -> State:
+        """Client ``client``'s starting state: the shared ``init`` (peft.ranks cuts it to the peer's rank)."""
+        return init
+
+    def averaged(self, comm: Communicator, states: dict[int, State]) -> State:
+        """The evaluated averaged model: the mean over all N workers of every tensor (metrics: not counted)."""
+        return comm.average(states)[0]
+
+    def finish_adapter(self, client: int, path: Path) -> None:  # noqa: B027 - nothing to change by default
+        """Adjust client ``client``'s saved adapter folder (peft.ranks: to the peer's own rank)."""
 
     def is_trained(self, name: str) -> bool:
         """Whether the trainable tensor ``name`` gets gradients (False keeps it at its shared init)."""

@@ -93,6 +93,9 @@ class DecDeCAF(Algorithm):
         received, sent = comm.send(states, W)
         mixed = {}
         for i, own in states.items():
+            if not received[i]:  # offline or every link down this round: it keeps its factors untouched
+                mixed[i] = own
+                continue
             inbox = received[i] | {i: own}
             order = sorted(inbox)
             mixed[i] = decaf_mix([float(W[i, j]) for j in order], [inbox[j] for j in order])

@@ -50,6 +50,8 @@ class FedAvg(Algorithm):
         participants: Sequence[int] | None = None,
     ) -> tuple[dict[int, State], int]:
         active = set(range(comm.num_clients) if participants is None else participants)
+        if not active:  # every sampled client is offline (train.peer_dropout): the global model stays
+            return states, 0
         scale = comm.num_clients / len(active)
         contributions = {
             i: {n: (t * scale if scale != 1.0 else t) if i in active else torch.zeros_like(t) for n, t in s.items()}

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
 def build_communicator(cfg: Config, workers: int) -> Communicator:
     """``runtime=simulation``: all ``workers`` clients in this process; ``runtime=distributed``: join the
     torch.distributed process group described by the environment, this process being client ``RANK``."""
+    if cfg.runtime == "swarm":  # one peer per process over hivemind (pip install declora[swarm])
+        from declora.comm.swarm import SwarmCommunicator
+
+        return SwarmCommunicator(cfg, workers)
     if cfg.runtime == "distributed":
         from declora.comm.distributed import DistributedCommunicator
 

@@ -10,6 +10,8 @@ torch.distributed run the very same mixing code (:func:`declora.mixing.mix_row`)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +43,16 @@ class Communicator(ABC):
 
     def close(self) -> None:  # noqa: B027
         """Release the transport at the end of a run."""
+
+    def join(self, done: Any, clients: dict[int, Any]) -> Any:
+        """After start-up (and a resume): the progress to continue from. runtime=swarm catches up with
+        the live peers here; every other runtime continues from ``done`` itself."""
+        return done
+
+    def round_matrix(self, W: np.ndarray, i: int, received: Mapping[int, Message]) -> np.ndarray:
+        """The matrix local client i mixes with after an exchange that brought ``received``: W itself
+        where every exchange happens; runtime=swarm gives W_t (failed edges' weights on the diagonal)."""
+        return W
 
     @abstractmethod
     def exchange(self, messages: dict[int, Message], W: np.ndarray) -> dict[int, dict[int, Message]]:

@@ -10,16 +10,22 @@ A message (a dict of tensors of any dtypes: fp32 states, or uint8 codes + fp32 s
 in key order. All clients' messages share names, shapes and dtypes, so a receiver sizes its buffer and
 cuts it back into tensors from its own message. The bytes arrive bit for bit.
 
+Every message is preceded by a fixed-size header and checked before it is mixed (sender, round, size,
+names/shapes/dtypes, then finite values): a bad one stops the run with one line naming the sender rank
+and the round (:mod:`declora.comm.dist_safety`), and a message of the wrong size is never received.
+
 Failures: every wait is bounded by ``comm.timeout_s`` (given to ``init_process_group``). A neighbour
 that died (connection reset) or hangs (timeout) raises :class:`PeerFailure` naming its rank and the
-round. The detecting rank also records the failure in the rendezvous store, so a rank that only sees a
-broken collective (it is not a neighbour of the dead peer) can still name it.
+round: a rank knows which neighbour each receive was waiting for. The detecting rank also records the
+failure in the rendezvous store, so a rank that only sees a broken collective, or a neighbour that
+stopped because of it, names the failed peer rather than the messenger; failing that, a peer on this
+machine whose process has exited is named. Under torchrun, whose agent SIGTERMs the survivors as soon
+as one rank exits, each survivor prints its one line before it stops (:func:`dist_safety.report_sigterm`).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import time
 from datetime import timedelta
 
@@ -27,26 +33,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from declora.comm import dist_safety
 from declora.comm.base import Communicator, Message, State, message_bytes, neighbors
+from declora.comm.dist_safety import BadMessage, PeerFailure
+from declora.comm.messages import MessageRejected, check_finite
 from declora.config import CommConfig, ConfigError
-
-
-class PeerFailure(RuntimeError):
-    """A peer stopped answering; the message names it (when known), the round and the operation.
-
-    Attributes:
-        peer: rank of the missing peer, or None when no rank could be identified.
-        round: the training round in which the failure was noticed.
-        rank: the rank that noticed it.
-    """
-
-    def __init__(self, peer: int | None, round_: int, rank: int, what: str, detail: str) -> None:
-        self.peer, self.round, self.rank = peer, round_, rank
-        who = f"peer rank {peer}" if peer is not None else "a peer (rank unknown)"
-        detail = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", " ".join(detail.split()))  # drop gloo's source path
-        detail = detail.split(" This is typically")[0][:160]
-        when = f"at round {round_}" if round_ else "at start-up"
-        super().__init__(f"rank {rank}: {who} is missing {when} ({what}: {detail})")
+from declora.errors import PeerError
+from declora.fault_injection import poisoned
 
 
 def pack(message: Message) -> torch.Tensor:
@@ -109,6 +102,7 @@ class DistributedCommunicator(Communicator):
         self.timeout_s, self.startup_timeout_s = timeout_s, startup_timeout_s
         self.round = 0
         self._barriers = 0
+        self.processes: dict[int, str] = {}  # rank -> "host pid" of every other rank (dist_safety.exited)
 
     @classmethod
     def from_env(cls, workers: int, cfg: CommConfig, model_device: str = "auto") -> DistributedCommunicator:
@@ -134,6 +128,11 @@ class DistributedCommunicator(Communicator):
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
         startup, timeout = timedelta(seconds=cfg.startup_timeout_s), timedelta(seconds=cfg.timeout_s)
+        box: list[DistributedCommunicator] = []  # the SIGTERM line reads the communicator built below
+        dist_safety.report_sigterm(
+            lambda: box[0].sigterm_line() if box else f"rank {rank}: stopped by SIGTERM at start-up",
+            lambda: box[0].sigterm_code() if box else dist_safety.SIGTERM_EXIT,
+        )
         try:
             store, rank, world = next(dist.rendezvous(cfg.init_method, rank, world, timeout=startup))
             store.set_timeout(startup)
@@ -143,16 +142,73 @@ class DistributedCommunicator(Communicator):
             store.set_timeout(timeout)
         except RuntimeError as err:  # DistStoreError (a rank never came) is a RuntimeError
             raise PeerFailure(None, 0, rank, f"rendezvous at {cfg.init_method}", str(err)) from None
-        return cls(rank, world, device, dist.PrefixStore("declora", store), cfg.timeout_s, cfg.startup_timeout_s)
+        comm = cls(rank, world, device, dist.PrefixStore("declora", store), cfg.timeout_s, cfg.startup_timeout_s)
+        dist_safety.mark_stopping(clear=True)  # a stale marker of a former process with this pid
+        try:  # who runs where, so that a rank can tell which local peer exited (all ranks are past the rendezvous)
+            comm.store.set(f"process/{rank}", dist_safety.this_process())
+            comm.processes = {r: comm.store.get(f"process/{r}").decode() for r in range(world) if r != rank}
+        except RuntimeError as err:
+            raise PeerFailure(None, 0, rank, "start-up", str(err)) from None
+        box.append(comm)
+        return comm
+
+    def sigterm_line(self) -> str:
+        """What this rank says when the launcher SIGTERMs it (torchrun does as soon as any rank exits)."""
+        return dist_safety.sigterm_line(self.rank, self.round, self.processes)
+
+    def sigterm_code(self) -> int:
+        return PeerError.exit_code if dist_safety.exited(self.processes) else dist_safety.SIGTERM_EXIT
 
     # -- failure handling ------------------------------------------------------------------------------
-    def _report(self, peer: int) -> None:
-        """Record in the rendezvous store that ``peer`` failed (best effort: the store may be gone too)."""
+    def _report(self, peer: int, kind: str = "missing", detail: str = "") -> None:
+        """Record in the rendezvous store that ``peer`` failed (best effort: the store may be gone too).
+
+        ``kind`` is ``missing`` or ``bad`` (it sent a bad message); the value is ``round|reporter|kind|detail``.
+        """
         try:
             if self.store is not None:
-                self.store.set(f"failed/{peer}", f"{self.round} {self.rank}")
+                self.store.set(f"failed/{peer}", f"{self.round}|{self.rank}|{kind}|{detail[:200]}")
         except Exception:  # noqa: BLE001 - the store lives with rank 0 or the agent; it may be dead as well
             pass
+
+    def _report_about(self, exclude: int | None = None) -> PeerError | None:
+        """The failure some rank recorded about a peer other than ``exclude``, as an error (None: none).
+
+        A bad message outranks a missing peer (the ranks that stop because of it look missing to theirs).
+        """
+        found: list[tuple[bool, int, int, str, str, str]] = []
+        try:
+            for peer in range(self.num_clients):
+                if peer == exclude or self.store is None or not self.store.check([f"failed/{peer}"]):
+                    continue
+                round_, reporter, kind, detail = self.store.get(f"failed/{peer}").decode().split("|", 3)
+                found.append((kind != "bad", peer, int(round_), reporter, kind, detail))
+        except Exception:  # noqa: BLE001 - best effort: the store may be gone
+            pass
+        for _, peer, round_, reporter, kind, detail in sorted(found):
+            if kind == "bad" and peer == self.rank:
+                return PeerError(
+                    f"rank {self.rank}: rank {reporter} rejected this rank's message at round {round_} ({detail}); "
+                    "stopping"
+                )
+            if kind == "bad":
+                return BadMessage(peer, round_, self.rank, detail, reporter=int(reporter))
+            if peer != self.rank:
+                return PeerFailure(peer, round_, self.rank, f"reported by rank {reporter}", detail)
+        return None
+
+    def _neighbour_failed(self, peer: int, what: str, err: Exception) -> PeerError:
+        """Neighbour ``peer`` broke an exchange: name it, unless it stopped because another peer failed.
+
+        A neighbour that stopped on a failure it detected recorded that failure before exiting, so its
+        record is in the store by the time this rank sees the broken connection.
+        """
+        dist_safety.mark_stopping()
+        reported = self._report_about(exclude=peer)
+        if reported is not None:
+            return reported
+        self._report(peer, "missing", " ".join(str(err).split())[:160])
+        return PeerFailure(peer, self.round, self.rank, what, str(err))
 
     def _reported_peer(self, wait_s: float = 3.0) -> int | None:
         """A peer some rank reported as failed; polls briefly since the report may still be on its way."""
@@ -167,10 +223,14 @@ class DistributedCommunicator(Communicator):
                 time.sleep(0.1)
         except Exception:  # noqa: BLE001
             pass
-        return None
+        dead = dist_safety.exited(self.processes)  # nobody reported it: a peer on this machine that exited
+        return dead[0] if dead else None
 
-    def _collective_failed(self, what: str, err: Exception) -> PeerFailure:
-        return PeerFailure(self._reported_peer(), self.round, self.rank, what, str(err))
+    def _collective_failed(self, what: str, err: Exception) -> PeerError:
+        dist_safety.mark_stopping()
+        peer = self._reported_peer()
+        reported = self._report_about() if peer is not None else None
+        return reported or PeerFailure(peer, self.round, self.rank, what, str(err))
 
     # -- transport ---------------------------------------------------------------------------------------
     def exchange(self, messages: dict[int, Message], W: np.ndarray) -> dict[int, dict[int, Message]]:
@@ -178,11 +238,40 @@ class DistributedCommunicator(Communicator):
         peers = neighbors(W, self.rank)
         if not peers:
             return {self.rank: {}}
-        wire = pack(own).to(self.device)
-        buffers = {j: torch.empty_like(wire) for j in peers}
+        sent = poisoned(own, self.rank, self.round)  # test-only fault injection (DECLORA_POISON); else own
+        wire = pack(sent).to(self.device)
+        size = sum(t.numel() * t.element_size() for t in own.values())  # what a good neighbour sends
+        # 1. fixed-size headers: a payload is received only after its header matched (no size mismatch in gloo)
+        header = dist_safety.wire_header(sent, self.rank, self.round, wire.numel()).to(self.device)
+        heads = self._send_receive(peers, header, "header exchange with neighbour")
+        for j in peers:
+            try:
+                dist_safety.check_header(heads[j].cpu(), own, size, j, self.round)
+            except MessageRejected as bad:
+                raise self._rejected(bad) from None
+        # 2. payloads, checked for finite values before anything is mixed
+        buffers = self._send_receive(peers, wire, "exchange with neighbour", torch.empty(size, dtype=torch.uint8))
+        received = {j: unpack(buffers[j], own) for j in peers}
+        for j in peers:
+            bad = check_finite(received[j])
+            if bad:
+                raise self._rejected(MessageRejected(j, self.round, f"non-finite values in {', '.join(bad[:3])}"))
+        return {self.rank: received}
+
+    def _rejected(self, bad: MessageRejected) -> BadMessage:
+        dist_safety.mark_stopping()
+        self._report(bad.sender, "bad", bad.reason)
+        return BadMessage(bad.sender, self.round, self.rank, bad.reason)
+
+    def _send_receive(
+        self, peers: list[int], out: torch.Tensor, what: str, like: torch.Tensor | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Send ``out`` to every peer and receive one tensor shaped like ``like`` (default ``out``) from each."""
+        like = out if like is None else like.to(self.device)
+        buffers = {j: torch.empty_like(like) for j in peers}
         ops, op_peer = [], []
         for j in peers:
-            ops += [dist.P2POp(dist.isend, wire, j), dist.P2POp(dist.irecv, buffers[j], j)]
+            ops += [dist.P2POp(dist.isend, out, j), dist.P2POp(dist.irecv, buffers[j], j)]
             op_peer += [j, j]
         try:
             works = dist.batch_isend_irecv(ops)
@@ -195,10 +284,9 @@ class DistributedCommunicator(Communicator):
                 work.wait()
             except RuntimeError as err:
                 if peer is None:
-                    raise self._collective_failed(f"exchange with neighbours {peers}", err) from None
-                self._report(peer)
-                raise PeerFailure(peer, self.round, self.rank, "exchange with neighbour", str(err)) from None
-        return {self.rank: {j: unpack(buffers[j], own) for j in peers}}
+                    raise self._collective_failed(f"{what}s {peers}", err) from None
+                raise self._neighbour_failed(peer, what, err) from None
+        return buffers
 
     def average(self, states: dict[int, State]) -> tuple[State, int]:
         (own,) = states.values()
@@ -242,6 +330,7 @@ class DistributedCommunicator(Communicator):
             self.store.set(keys[self.rank], "1")
             self.store.wait(keys, timedelta(seconds=wait))
         except RuntimeError as err:
+            dist_safety.mark_stopping()
             try:
                 missing = [r for r, key in enumerate(keys) if not self.store.check([key])]
             except RuntimeError:

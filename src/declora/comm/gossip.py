@@ -36,7 +36,9 @@ def exact_gossip(comm: Communicator, states: dict[int, State], W: np.ndarray) ->
         The mixed local states and the bytes the local clients sent.
     """
     received, sent = comm.send(states, W)
-    return {i: mix_row(W, i, received[i] | {i: own}) for i, own in states.items()}, sent
+    # round_matrix is W itself unless an exchange can fail (runtime=swarm: W_t, see Communicator.round_matrix)
+    mixed = {i: mix_row(comm.round_matrix(W, i, received[i]), i, received[i] | {i: own}) for i, own in states.items()}
+    return mixed, sent
 
 
 def compressed_gossip(
@@ -59,7 +61,8 @@ def compressed_gossip(
     received, sent = comm.send(messages, W)
     mixed: dict[int, State] = {}
     for i, own in states.items():
-        mixed[i] = mix_row(W, i, {j: quantizer.decode(m, own) for j, m in received[i].items()} | {i: own})
+        Wi = comm.round_matrix(W, i, received[i])  # runtime=swarm: W_t (a failed edge's weight on the diagonal)
+        mixed[i] = mix_row(Wi, i, {j: quantizer.decode(m, own) for j, m in received[i].items()} | {i: own})
     return mixed, sent
 
 

@@ -109,21 +109,30 @@ def plot_partition(counts: np.ndarray, path: str, label_names: list[str] | None 
     names = label_names if label_names is not None else [f"class {c}" for c in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"got {len(names)} label_names for {num_classes} classes; give one per class")
-    fig = Figure(figsize=(max(4.0, 0.5 * num_clients + 2.0), 3.5))
+    # Two panels: examples per client (absolute), and each client's label shares, where a client with
+    # few examples is as visible as a large one. The legend sits outside, right of the panels.
+    fig = Figure(figsize=(max(6.0, 0.8 * num_clients + 3.5), 3.8))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax, share_ax = fig.subplots(1, 2)
     x = np.arange(num_clients)
-    bottom = np.zeros(num_clients)
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    bottom, share_bottom = np.zeros(num_clients), np.zeros(num_clients)
     for c in range(num_classes):
         ax.bar(x, counts[:, c], bottom=bottom, label=names[c])
+        share_ax.bar(x, shares[:, c], bottom=share_bottom)
         bottom += counts[:, c]
-    ax.set_xticks(x)
-    ax.set_xlabel("client")
+        share_bottom += shares[:, c]
+    for a in (ax, share_ax):
+        a.set_xticks(x)
+        a.set_xlabel("client")
     ax.set_ylabel("examples")
+    share_ax.set_ylabel("label share")
+    share_ax.set_ylim(0, 1)
+    share_ax.set_xticks(x, [f"{i}\n({n})" for i, n in enumerate(counts.sum(1))] if num_clients <= 12 else x)
     if title:
-        ax.set_title(title)
-    ax.legend(fontsize="small")
+        fig.suptitle(title, fontsize="medium")
+    fig.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight")

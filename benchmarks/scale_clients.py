@@ -1,0 +1,82 @@
+"""How many simulated clients fit in one process: peak RSS, bytes per client and seconds per round.
+
+Each client count runs in its own process (``declora train``: real MiniLM, SST-2, ring, laplacian W)
+with what grows with N and is not the algorithm switched off: per-client evaluation
+(``eval.clients=false``), checkpoints (``checkpoint_every=0``: a checkpoint holds every client's
+adapter and AdamW state) and per-client adapter folders (``save_adapters=false``). The averaged model
+is still evaluated every round, on ``--eval-examples`` test sentences.
+
+Bytes per client are the slope of peak RSS between the two largest client counts; the tensors a
+client owns are its trainable values (LoRA A, B, the head) plus AdamW's two moments (3 x the message).
+
+Usage (wrap in ``flock /tmp/declora-heavy.lock`` on a shared machine):
+
+    python benchmarks/scale_clients.py [--clients 100 1000] [--local-steps 1] [--batch-size 8] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GIB = 2**30
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--local-steps", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--eval-examples", type=int, default=64)
+    ap.add_argument("--model", default="all-minilm-l6-v2")
+    ap.add_argument("--data", default="../shared/data/sst2")
+    ap.add_argument("--budget-gib", type=float, default=24.0, help="machine memory for the 'clients that fit' line")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.clients:
+            out = Path(tmp) / f"n{n}"
+            cmd = [
+                sys.executable, "-m", "declora", "train", f"model.name_or_path={args.model}",
+                f"data.path={args.data}", f"train.clients={n}", "topology.kind=ring",
+                f"train.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
+                f"train.batch_size={args.batch_size}", f"data.max_eval_examples={args.eval_examples}",
+                "eval.clients=false", "checkpoint_every=0", "save_adapters=false", "plots=false", "progress=false",
+                f"out_dir={out}",
+            ]  # fmt: skip
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wall = time.perf_counter() - start
+            s = json.loads((out / "summary.json").read_text())
+            rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+            rows.append((n, s, wall, rounds))
+            print(
+                f"N={n:>5}: peak RSS {s['peak_rss_mb']:>7.0f} MB, local steps + gossip "
+                f"{s['train_s'] / args.rounds:>7.1f} s/round, round incl. evaluation "
+                f"{s['wall_s'] / args.rounds:>7.1f} s, process {wall:.0f} s, "
+                f"averaged-model accuracy {s['final_accuracy']:.3f}",
+                flush=True,
+            )
+    n0, s0, _, _ = rows[0]
+    owned = 3 * s0["message_bytes"]  # trainable tensors + AdamW exp_avg + exp_avg_sq, all float32
+    print(f"\ntensors a client owns (adapter + head + AdamW moments): {owned / 2**20:.2f} MB")
+    if len(rows) > 1:
+        (na, sa, _, _), (nb, sb, _, _) = rows[-2], rows[-1]
+        per_client = (sb["peak_rss_mb"] - sa["peak_rss_mb"]) * 2**20 / (nb - na)
+        fixed = sb["peak_rss_mb"] * 2**20 - per_client * nb
+        fit = int((args.budget_gib * GIB - fixed) // per_client)
+        print(
+            f"peak RSS per extra client (N={na} -> {nb}): {per_client / 2**20:.2f} MB "
+            f"({per_client / owned:.2f}x the tensors it owns); fixed part {fixed / 2**20:.0f} MB"
+        )
+        print(f"clients that fit in {args.budget_gib:g} GiB at this slope: ~{fit:,}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""``train.availability_file``: a reproducible schedule of which peers are offline in which rounds.
+
+One entry = a round range and a set of peers offline in it. YAML (a list of mappings) or CSV (a
+header ``rounds,offline``). A round range is ``5`` (one round), ``5-8`` (inclusive) or ``4-`` (round 4
+and every later one: the peer leaves for good). Peers are ids ``0..N-1``: ``3``, ``0-4``, ``[0, 1, 4]``
+or ``"0-4 7"`` (space- or semicolon-separated in a CSV cell; commas too when the cell is quoted).
+
+```yaml
+- {rounds: 5-8, offline: 0-4}      # peers 0..4 offline in rounds 5..8
+- {rounds: 4-, offline: 3}         # peer 3 leaves at round 4 and never comes back
+```
+
+```text
+rounds,offline
+5-8,0-4
+4-,3
+```
+
+Entries add up (a peer is offline in a round if any entry says so). The file is read and checked when
+the config is loaded, so a peer id >= N or a round < 1 stops the run before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from declora.errors import ConfigError
+
+OPTION = "train.availability_file"
+
+
+@dataclass(frozen=True)
+class Outage:
+    """Peers offline from round ``first`` to ``last`` inclusive (``last=None``: for good)."""
+
+    first: int
+    last: int | None
+    peers: frozenset[int]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The parsed schedule: a list of outages."""
+
+    outages: tuple[Outage, ...]
+
+    def offline(self, round_: int) -> frozenset[int]:
+        """The peers the schedule takes offline in ``round_``."""
+        out: set[int] = set()
+        for o in self.outages:
+            if o.first <= round_ and (o.last is None or round_ <= o.last):
+                out |= o.peers
+        return frozenset(out)
+
+
+def _fail(path: str | Path, what: str) -> ConfigError:
+    return ConfigError(f"{OPTION}={path}: {what}")
+
+
+def _range(text: str, path: str | Path, what: str, open_end: bool) -> tuple[int, int | None]:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:(-)\s*(\d*)\s*)?", text)
+    if m is None or (m.group(2) and not m.group(3) and not open_end):
+        raise _fail(path, f"{what} {text!r} is not N, A-B{' or A-' if open_end else ''}")
+    first = int(m.group(1))
+    last = None if m.group(2) and not m.group(3) else int(m.group(3) or first)
+    if last is not None and last < first:
+        raise _fail(path, f"{what} {text!r} ends before it starts")
+    return first, last
+
+
+def _rounds(value: Any, path: str | Path) -> tuple[int, int | None]:
+    first, last = _range(str(value), path, "rounds", open_end=True)
+    if first < 1:
+        raise _fail(path, f"rounds {value!r}: rounds start at 1")
+    return first, last
+
+
+def _peers(value: Any, n: int, path: str | Path) -> frozenset[int]:
+    items = value if isinstance(value, list) else re.split(r"[\s,;]+", str(value).strip())
+    peers: set[int] = set()
+    for item in items:
+        if str(item).strip() == "":
+            continue
+        first, last = _range(str(item), path, "offline peers", open_end=False)
+        peers |= set(range(first, (last if last is not None else first) + 1))
+    if not peers:
+        raise _fail(path, f"offline peers {value!r}: name at least one peer")
+    bad = sorted(p for p in peers if p >= n)
+    if bad:
+        raise _fail(path, f"peer {bad[0]} does not exist: the run has train.clients={n} (ids 0..{n - 1})")
+    return frozenset(peers)
+
+
+def _entries(path: Path) -> list[dict[str, Any]]:
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if r and not r[0].lstrip().startswith("#")]
+        if not rows or [c.strip() for c in rows[0][:2]] != ["rounds", "offline"]:
+            raise _fail(path, "a CSV schedule needs the header `rounds,offline`")
+        return [{"rounds": r[0], "offline": ",".join(r[1:])} for r in rows[1:]]
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(path)) or []
+    if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
+        raise _fail(path, "a YAML schedule is a list of {rounds: ..., offline: ...} entries")
+    return raw
+
+
+def load_schedule(path: str | Path, num_clients: int) -> Schedule:
+    """Read and check a schedule for ``num_clients`` peers.
+
+    Raises:
+        ConfigError: one line naming ``train.availability_file``, the file and the bad entry.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise _fail(path, "no such file")
+    try:
+        entries = _entries(p)
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as err:
+        raise _fail(path, f"cannot read it ({str(err).splitlines()[0]})") from None
+    outages = []
+    for e in entries:
+        if set(e) != {"rounds", "offline"}:
+            raise _fail(path, f"entry {e} must have exactly the keys rounds and offline")
+        first, last = _rounds(e["rounds"], path)
+        outages.append(Outage(first, last, _peers(e["offline"], num_clients, path)))
+    return Schedule(tuple(outages))

@@ -1,0 +1,116 @@
+"""Divergence is an error, never a result: finite checks at each stage of a round, and an optional guard.
+
+The trainer calls :class:`Guard` after the local steps (every client's loss and tensors), after the
+exchange (every client's tensors) and after evaluation (the averaged model's loss), and before the
+final adapters are written. The first non-finite value stops the run with one
+:class:`~declora.errors.DivergenceError` line naming the round, the client and the stage; since the
+checks run before the round's checkpoint, the last good checkpoint stays the newest one and
+``resume=RUN_DIR train.lr=<lower>`` continues from it.
+
+The checks only read tensors (``torch.isfinite``): a healthy run's numbers are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from declora.errors import DivergenceError
+
+State = Mapping[str, torch.Tensor]
+
+
+def fix_hint(lr: float, run_dir: str | Path | None = None) -> str:
+    """What to do next, in a few words: lower the lr, and where to go on from (the newest intact round)."""
+    fix = f"lower train.lr (now {lr:g}) or set train.max_grad_norm"
+    if run_dir is None:
+        return f"{fix}; declora train resume=RUN_DIR train.lr=<lower> continues from the last checkpoint"
+    from declora.integrity import newest_intact
+
+    last, _ = newest_intact(run_dir)
+    if last == 0:
+        return f"{fix} and start again (no checkpoint yet): declora train ... out_dir={run_dir} overwrite=true"
+    return f"{fix}; continue from round {last}'s checkpoint: declora train resume={run_dir} train.lr=<lower>"
+
+
+def check_loss(loss: float, round_: int, client: int | str, lr: float, run_dir: str | Path | None = None) -> None:
+    """Raise if a training loss is NaN or infinite.
+
+    Raises:
+        DivergenceError: ``round R, client C, stage 'training loss': loss is nan; <fix>``.
+    """
+    if not math.isfinite(loss):
+        raise DivergenceError(
+            f"training diverged at round {round_}, client {client}, stage 'training loss': loss is {loss}; "
+            + fix_hint(lr, run_dir)
+        )
+
+
+def first_non_finite(state: State) -> str | None:
+    """The name of the first tensor of ``state`` holding a NaN or an infinity, else None."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+class Guard:
+    """The checks of one run (see the module docstring).
+
+    Args:
+        lr: the run's learning rate (named in the fix).
+        run_dir: the run directory (named in the fix).
+        divergence_factor: stop when a client's mean training loss of a round exceeds this many times its
+            initial value (its first round's, or the run's first metrics row after a resume); None = off.
+        initial_loss: the baseline when resuming (the first metrics row's train_loss), if any.
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        run_dir: str | Path | None = None,
+        divergence_factor: float | None = None,
+        initial_loss: float | None = None,
+    ) -> None:
+        self.lr, self.run_dir, self.factor = lr, run_dir, divergence_factor
+        self.initial: dict[int, float] = {}
+        self.resumed_initial = initial_loss
+
+    def _fail(self, round_: int, client: int | str, stage: str, what: str) -> DivergenceError:
+        return DivergenceError(
+            f"training diverged at round {round_}, client {client}, stage '{stage}': {what}; "
+            + fix_hint(self.lr, self.run_dir)
+        )
+
+    def states(self, round_: int, states: Mapping[int, State] | Mapping[str, State], stage: str) -> None:
+        """Every client's tensors must be finite (stage: 'after local steps', 'after exchange', ...)."""
+        for i in sorted(states):
+            bad = first_non_finite(states[i])
+            if bad is not None:
+                raise self._fail(round_, i, stage, f"{bad} is not finite")
+
+    def losses(self, round_: int, losses: Mapping[int, float]) -> None:
+        """Each client's mean training loss of the round: finite, and under the divergence factor."""
+        for i in sorted(losses):
+            loss = float(losses[i])
+            if not math.isfinite(loss):
+                raise self._fail(round_, i, "training loss", f"mean loss is {loss}")
+            if self.factor is None:
+                continue
+            base = self.initial.setdefault(i, self.resumed_initial if self.resumed_initial is not None else loss)
+            if base > 0 and loss > self.factor * base:
+                raise self._fail(
+                    round_,
+                    i,
+                    "divergence guard",
+                    f"loss {loss:.4g} is more than train.divergence_factor={self.factor:g} times its initial "
+                    f"{base:.4g}",
+                )
+
+    def evaluation(self, round_: int, eval_loss: float | None) -> None:
+        """The averaged model's evaluation loss must be finite."""
+        if eval_loss is not None and not math.isfinite(float(eval_loss)):
+            raise self._fail(round_, "average", "evaluation loss", f"eval_loss is {eval_loss}")

@@ -1,0 +1,340 @@
+"""Differential privacy for each peer's data: DP-SGD on the peer's trainable tensors, accounted per peer.
+
+``privacy.mechanism=dp_sgd``: at every local step, peer i
+
+1. draws its batch: **Poisson sampling** (``privacy.poisson=true``, the default: every example of the
+   peer's n_i joins the step independently with probability ``q_i = train.batch_size / n_i``; a batch
+   may be empty), or shuffled fixed-size batches (``poisson=false``: a permutation per epoch cut into
+   batches of ``batch_size``, the last incomplete batch of an epoch dropped so that no example appears
+   twice in a batch);
+2. computes each example's own gradient of its own loss with respect to the trained tensors (LoRA A
+   and B, the task head; under dec_ffa_lora B and the head only) through ``torch.func``: ``vmap`` over
+   ``grad`` of the same ``functional_call`` that swaps the peer's tensors into the one shared base;
+3. clips it to L2 norm ``C = privacy.max_grad_norm`` over all trained tensors jointly (factor
+   ``min(1, C / (||g_x|| + 1e-6))``, Opacus' formula), sums, adds ``N(0, (sigma C)^2)`` to every
+   coordinate, and divides by the expected batch size ``train.batch_size``. The optimizer (AdamW/SGD,
+   its state, weight decay, the lr schedule) then only post-processes that noisy gradient.
+
+**Accounting.** Every step is one Poisson-subsampled Gaussian mechanism with ``(sigma, q_i)``; Opacus'
+``RDPAccountant`` or ``PRVAccountant`` (``privacy.accountant``) composes them. ``sigma`` is
+``privacy.noise_multiplier``, or the smallest found by Opacus' ``get_noise_multiplier`` (tolerance
+0.01) that keeps peer i's epsilon after its *planned* steps (rounds it takes part in x steps per round x
+``train.grad_accumulation``) at or below ``privacy.target_epsilon``; peers of different sizes get
+different sigmas. Stragglers and offline rounds only take fewer steps, so the final epsilon stays below.
+
+**The guarantee** (``poisson=true``, ``secure_rng=true``): for each peer i, everything peer i sends over
+the whole run (every gossip message, FedAvg upload or, with ``centralized``, the model) is
+``(epsilon_i, delta)``-DP with respect to adding or removing one record of peer i's own data, with the
+other peers' data fixed, against an adversary who sees every message of every peer and colludes with
+all the other peers. The messages are a post-processing of peer i's noisy gradients and of what
+peer i received, and what it received depends on peer i's data only through peer i's earlier
+messages; so mixing (exact, compressed or CHOCO gossip, DeCAF's re-factoring) adds nothing to
+epsilon, and a neighbour's messages consume none of peer i's budget. We claim no amplification from
+decentralization (an adversary that sees only some edges would get a smaller epsilon; see
+arXiv 2510.17480) nor from FedAvg's client sampling (seeded, so public). ``centralized`` is plain
+DP-LoRA on the pooled data, record-level over the pool. Not covered: ``train_loss`` and anything
+else computed on the training data and logged (under ``runtime=distributed`` the training losses are
+gathered to rank 0 for ``metrics.jsonl``), the partition's label counts in ``summary.json``, and
+floating-point side channels of the Gaussian sampler (Opacus' secure mode addresses these; we do not).
+``n_i`` is treated as public.
+
+**Approximations, stated.** ``poisson=false`` reports the Poisson accountant at ``q = B / n_i`` for
+shuffled fixed-size batches, as Opacus' users, TF Privacy and most papers do; that number is not a
+proven bound for shuffling (Chua et al., ICML 2024, show the true epsilon can be larger).
+``secure_rng=false`` (default, reproducible) draws noise and batches from ``train.seed``: anyone who
+knows the seed and the peer id can regenerate the noise, so such runs measure the *utility* of DP at
+that epsilon, not a guarantee. ``secure_rng=true`` seeds every step from the OS's entropy.
+
+With ``noise_multiplier=0``, ``poisson=false`` and a bound never reached (``max_grad_norm=1e9``: clip
+factor exactly 1) the update is the non-private one up to float rounding (the per-example sum is
+reduced in another order; tests/test_privacy.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import secrets
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from declora.config import Config, ConfigError, PrivacyConfig
+from declora.data import BatchStream
+
+State = dict[str, torch.Tensor]
+_NOISE, _SAMPLE = 0xD9, 0x9015  # tags that keep the noise and sampling streams apart from other seeds
+
+
+def _seed(secure: bool, *words: int) -> int:
+    """A 63-bit seed: from the OS's entropy, or derived from ``words`` (seed, peer, counter)."""
+    if secure:
+        return secrets.randbits(63)
+    hi, lo = np.random.SeedSequence(list(words)).generate_state(2)
+    return (int(hi) << 31 | int(lo)) & (2**63 - 1)
+
+
+class PoissonStream:
+    """Each draw includes every example independently with probability ``q`` (BatchStream's interface)."""
+
+    def __init__(self, indices: np.ndarray, q: float, seed: int, stream_id: int, secure: bool = False) -> None:
+        self.indices, self.q, self.seed, self.stream_id, self.secure = indices, q, seed, stream_id, secure
+        self.draws = 0
+
+    def next(self) -> np.ndarray:
+        rng = np.random.default_rng(_seed(self.secure, self.seed, self.stream_id, self.draws, _SAMPLE))
+        self.draws += 1
+        return self.indices[rng.random(len(self.indices)) < self.q]
+
+    def state(self) -> dict[str, int]:
+        return {"draws": self.draws}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.draws = int(state["draws"])
+
+
+class ShuffleStream(BatchStream):
+    """BatchStream without batches that span two epochs: an epoch's incomplete tail is dropped, so no
+    example is twice in a batch. The same batches as BatchStream when ``batch_size`` divides n."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int, seed: int, stream_id: int, secure: bool) -> None:
+        self.secure = secure
+        super().__init__(indices, batch_size, seed, stream_id)
+
+    def _permutation(self) -> np.ndarray:
+        if self.secure:
+            return self.indices[np.random.default_rng(_seed(True)).permutation(len(self.indices))]
+        return super()._permutation()
+
+    def next(self) -> np.ndarray:
+        if self.pos + self.batch_size > len(self._perm):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm = self._permutation()
+        return super().next()
+
+
+def _attention_mask_4d(model: nn.Module, mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The (B, 1, q, k) mask transformers takes as-is: its own 2D -> 4D conversion inspects the mask's
+    values (``padding_mask.all()``), which vmap cannot batch. Right padding (declora.data.collate)."""
+    keep = mask[:, None, None, :].bool()
+    if causal:
+        n = mask.shape[1]
+        keep = keep & torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()[None, None]
+    if getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") != "eager":
+        return keep  # sdpa: True = attend
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def per_example_grads(
+    model: nn.Module, params: State, batch: dict[str, torch.Tensor], causal: bool = False
+) -> tuple[State, torch.Tensor]:
+    """Each example's gradient of its own loss w.r.t. the tensors of ``params`` that require grad.
+
+    Returns:
+        ``(grads, losses)``: name -> (B, *shape) gradients, and the (B,) per-example losses.
+    """
+    from torch.func import functional_call, grad, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    trained = {n: p.detach() for n, p in params.items() if p.requires_grad}
+    fixed = {n: p.detach() for n, p in params.items() if not p.requires_grad}
+
+    def loss_of_one(tensors: State, example: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        one = {k: v.unsqueeze(0) for k, v in example.items()}
+        loss = functional_call(model, fixed | tensors, args=(), kwargs=one, strict=False).loss
+        return loss, loss.detach()
+
+    batched = dict(batch)
+    if "attention_mask" in batched:
+        batched["attention_mask"] = _attention_mask_4d(model, batch["attention_mask"], causal)
+    with sdpa_kernel(SDPBackend.MATH):  # the math kernel has vmap rules (the fused ones fall back to a loop)
+        return vmap(grad(loss_of_one, has_aux=True), in_dims=(None, 0), randomness="different")(trained, batched)
+
+
+def clip_and_sum(grads: State, clip: float) -> tuple[State, torch.Tensor]:
+    """Clip every example's gradient (all tensors jointly) to norm ``clip`` and sum over examples.
+
+    Returns:
+        ``(summed, norms)``: name -> summed clipped gradient, and the (B,) norms before clipping.
+    """
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return {n: torch.einsum("b,b...->...", factor, g) for n, g in grads.items()}, norms
+
+
+def _accountant(name: str) -> Any:
+    from opacus.accountants import create_accountant
+
+    return create_accountant(mechanism=name)
+
+
+def epsilon_of(accountant: Any, delta: float) -> float:
+    """Epsilon spent so far (0 before any step; infinite for a step without noise)."""
+    if not accountant.history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in accountant.history):
+        return float("inf")
+    with warnings.catch_warnings():  # RDP warns when the best order is at the end of its grid
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta=delta))
+
+
+def calibrate(cfg: PrivacyConfig, q: float, steps: int) -> float:
+    """``privacy.noise_multiplier``, or the sigma that spends at most ``target_epsilon`` in ``steps``."""
+    if cfg.noise_multiplier is not None:
+        return cfg.noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier
+
+    assert cfg.target_epsilon is not None
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=cfg.target_epsilon,
+                target_delta=cfg.delta,
+                sample_rate=q,
+                steps=max(steps, 1),
+                accountant=cfg.accountant,
+            )
+        )
+    except ValueError:
+        raise ConfigError(f"privacy.target_epsilon={cfg.target_epsilon} cannot be reached: raise it") from None
+
+
+@dataclass
+class PeerPrivacy:
+    """One peer's DP-SGD: its clipping bound, noise multiplier, sampling rate and accountant."""
+
+    cid: int
+    cfg: PrivacyConfig
+    sigma: float
+    q: float  # sampling rate batch_size / n_i
+    batch_size: int  # the divisor: the expected batch size
+    examples: int
+    planned_steps: int
+    seed: int
+    causal: bool = False
+    steps: int = 0  # DP steps taken (= the accountant's steps; numbers the noise generator too)
+    accountant: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.accountant = _accountant(self.cfg.accountant)
+
+    def loss(self, model: nn.Module, params: State, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's mean loss as a surrogate whose ``backward()`` sets every trained tensor's ``.grad``
+        to the clipped, noised gradient (exactly: d/dp sum(p * g) = g), so the caller's backward, loss
+        scaling, accumulation and optimizer step run unchanged. An empty Poisson batch has loss 0."""
+        trained = {n: p for n, p in params.items() if p.requires_grad}
+        device = next(iter(trained.values())).device
+        if len(batch["input_ids"]):
+            grads, losses = per_example_grads(model, params, batch, self.causal)
+            summed, _ = clip_and_sum(grads, self.cfg.max_grad_norm)
+            value = losses.float().mean()
+        else:
+            summed, value = {n: torch.zeros_like(p) for n, p in trained.items()}, torch.zeros((), device=device)
+        std = self.sigma * self.cfg.max_grad_norm
+        gen = torch.Generator(device=device)
+        gen.manual_seed(_seed(self.cfg.secure_rng, self.seed, self.cid, self.steps, _NOISE))
+        surrogate = torch.zeros((), device=device)
+        for n, p in trained.items():
+            g = summed[n].float()
+            if std > 0:
+                g = g + torch.normal(0.0, std, g.shape, generator=gen, device=device)
+            surrogate = surrogate + (p * (g / self.batch_size).to(p.dtype)).sum()
+        self.accountant.step(noise_multiplier=self.sigma, sample_rate=self.q)
+        self.steps += 1
+        return surrogate - surrogate.detach() + value
+
+    def epsilon(self) -> float:
+        return epsilon_of(self.accountant, self.cfg.delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "sigma": self.sigma, "accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["sigma"] != self.sigma:
+            raise ConfigError(
+                f"resume: peer {self.cid} ran with noise multiplier {state['sigma']:.4g}, this config gives "
+                f"{self.sigma:.4g} (privacy.target_epsilon over other train.rounds?): keep the run's train.rounds"
+            )
+        self.steps = int(state["steps"])
+        self.accountant.load_state_dict(state["accountant"])
+
+
+def planned_steps(cfg: Config, algorithm: Any, cid: int) -> int:
+    """DP steps peer ``cid`` will take: rounds it takes part in x steps per round x grad accumulation."""
+    tc = cfg.train
+    per_round = algorithm.steps_per_round(tc) * getattr(tc, "grad_accumulation", 1)
+    return per_round * sum(cid in algorithm.participants(t, tc) for t in range(1, tc.rounds + 1))
+
+
+def attach(cfg: Config, algorithm: Any, parts: list[np.ndarray], clients: dict[int, Any]) -> dict[int, Any]:
+    """Give every client its :class:`PeerPrivacy` and a DP sampling stream (nothing under mechanism=none)."""
+    pc, tc = cfg.privacy, cfg.train
+    if pc.mechanism == "none":
+        return clients
+    if importlib.util.find_spec("opacus") is None:
+        raise ConfigError("privacy.mechanism=dp_sgd needs Opacus for its accountant: pip install 'declora[privacy]'")
+    for i, c in clients.items():
+        n = len(parts[i])
+        if tc.batch_size > n:
+            raise ConfigError(
+                f"privacy.mechanism=dp_sgd: peer {i} has {n} examples < train.batch_size={tc.batch_size}; lower it"
+            )
+        q, steps = tc.batch_size / n, planned_steps(cfg, algorithm, i)
+        sigma = calibrate(pc, q, steps)
+        causal = cfg.model.task_type == "causal_lm"
+        c.privacy = PeerPrivacy(i, pc, sigma, q, tc.batch_size, n, steps, tc.seed, causal)
+        c.stream = (
+            PoissonStream(parts[i], q, tc.seed, i, pc.secure_rng)
+            if pc.poisson
+            else ShuffleStream(parts[i], tc.batch_size, tc.seed, i, pc.secure_rng)
+        )
+    return clients
+
+
+def metrics(clients: dict[int, Any], comm: Any) -> dict[str, Any]:
+    """``epsilon`` (max over all peers) and ``epsilon_per_peer`` for a metrics row; {} without DP."""
+    mine = {i: c.privacy.epsilon() for i, c in clients.items() if getattr(c, "privacy", None) is not None}
+    if not mine:
+        return {}
+    every = comm.gather(mine)
+    return {"epsilon": max(every.values()), "epsilon_per_peer": [every[i] for i in sorted(every)]}
+
+
+def summary(clients: dict[int, Any], comm: Any, cfg: Config) -> dict[str, Any]:
+    """summary.json's privacy fields: the final (epsilon, delta) of every peer and how it was spent."""
+    mine = {i: c.privacy for i, c in clients.items() if getattr(c, "privacy", None) is not None}
+    if not mine:
+        return {}
+    fields = {
+        "epsilon": {i: p.epsilon() for i, p in mine.items()},
+        "noise_multiplier": {i: p.sigma for i, p in mine.items()},
+        "sample_rate": {i: p.q for i, p in mine.items()},
+        "steps": {i: float(p.steps) for i, p in mine.items()},
+        "examples": {i: float(p.examples) for i, p in mine.items()},
+    }
+    every = {k: comm.gather(v) for k, v in fields.items()}
+    peers = [
+        {"peer": i, "delta": cfg.privacy.delta} | {k: every[k][i] for k in fields} for i in sorted(every["epsilon"])
+    ]
+    for p in peers:
+        p["steps"], p["examples"] = int(p["steps"]), int(p["examples"])
+    pc = cfg.privacy
+    return {
+        "epsilon": max(p["epsilon"] for p in peers),
+        "delta": pc.delta,
+        "noise_multiplier": max(p["noise_multiplier"] for p in peers),
+        "privacy": {
+            "mechanism": pc.mechanism,
+            "accountant": pc.accountant,
+            "poisson": pc.poisson,
+            "secure_rng": pc.secure_rng,
+            "max_grad_norm": pc.max_grad_norm,
+            "target_epsilon": pc.target_epsilon,
+            "peers": peers,
+        },
+    }

