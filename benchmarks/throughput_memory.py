@@ -11,9 +11,10 @@ every configuration alike, each on the same number of samples:
 * ``bf16``: ``dec_lora`` with ``train.mixed_precision=bf16`` (when this CPU/GPU supports it).
 
 For every run it prints samples/s, real and padded tokens/s (padded = batch x longest row, what is
-computed), and the achieved FLOP rate as a fraction of this machine's measured fp32 matmul rate
-(FLOPs of forward + backward per padded token counted by ``torch.utils.flop_counter``; attention's
-two ``T x T`` products, which SDPA hides from the counter, added as ``12 T d L`` per token). Ratios are
+computed), and the achieved FLOP rate as a fraction of this machine's fp32 (bf16) matmul rate (timed
+before every repeat; the best is taken, since other load only lowers it). FLOPs of forward + backward
+per padded token are counted by ``torch.utils.flop_counter``; attention's two ``T x T`` products,
+which SDPA hides from the counter, are added as ``12 T d L`` per token. Ratios are
 taken within each repeat and reported as median [min, max].
 
 Memory: peak RSS of ``declora train`` in separate processes with 1, 10 and 20 clients doing the same
@@ -134,18 +135,22 @@ def throughput(args: argparse.Namespace, common: list[str], tmp: Path) -> None:
     cfg = load_config(overrides=common)
     data = load_task(cfg.data, load_tokenizer(cfg.model), cfg.model.max_length, seed=cfg.train.seed)
     per_token, per_token_t = flops_per_padded_token(cfg, data.num_labels)
-    rate = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    rates: dict[str, list[float]] = {"fp32": [], "bf16": []}  # measured before every repeat: load varies
     print(
-        f"torch threads {torch.get_num_threads()}, device {device}; fp32 matmul {rate['fp32'] / 1e9:.1f} GFLOP/s, "
-        f"bf16 matmul {rate['bf16'] / 1e9:.1f} GFLOP/s; FLOPs per padded token = {per_token / 1e6:.2f}M + "
-        f"{per_token_t / 1e3:.1f}k x width"
+        f"torch threads {torch.get_num_threads()}, device {device}; FLOPs per padded token = "
+        f"{per_token / 1e6:.2f}M + {per_token_t / 1e3:.1f}k x width"
     )
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     print(
         f"\n{'rep':>3} {'run':<12} {'samples':>7} {'s':>7} {'samples/s':>9} {'real tok/s':>10} "
-        f"{'padded tok/s':>12} {'pad/real':>8} {'GFLOP/s':>8} {'of matmul':>9}"
+        f"{'padded tok/s':>12} {'pad/real':>8} {'GFLOP/s':>8}"
     )
     for rep in range(args.repeats):
+        for kind, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            rates[kind].append(matmul_rate(dtype))
+        print(
+            f"{rep:>3} matmul rate now: fp32 {rates['fp32'][-1] / 1e9:.1f}, bf16 {rates['bf16'][-1] / 1e9:.1f} GFLOP/s"
+        )
         recorded: list[np.ndarray] = []
         for name, extra in configs.items():
             RECORD.clear()
@@ -167,7 +172,6 @@ def throughput(args: argparse.Namespace, common: list[str], tmp: Path) -> None:
             samples = sum(len(b) for b, _, _ in record)
             padded, real = sum(p for _, p, _ in record), sum(r for _, _, r in record)
             flops = sum(p * (per_token + per_token_t * p / len(b)) for b, p, _ in record)
-            achieved = flops / seconds / rate["bf16" if name == "bf16" else "fp32"]
             row = {
                 "samples": samples,
                 "s": seconds,
@@ -176,12 +180,11 @@ def throughput(args: argparse.Namespace, common: list[str], tmp: Path) -> None:
                 "padded_s": padded / seconds,
                 "pad_ratio": padded / real,
                 "gflops": flops / seconds / 1e9,
-                "of_matmul": achieved,
             }
             rows[name].append(row)
             print(
                 f"{rep:>3} {name:<12} {samples:>7} {seconds:>7.1f} {row['samples_s']:>9.1f} {row['real_s']:>10.0f} "
-                f"{row['padded_s']:>12.0f} {row['pad_ratio']:>8.2f} {row['gflops']:>8.1f} {achieved:>9.1%}",
+                f"{row['padded_s']:>12.0f} {row['pad_ratio']:>8.2f} {row['gflops']:>8.1f}",
                 flush=True,
             )
 
@@ -201,39 +204,48 @@ def throughput(args: argparse.Namespace, common: list[str], tmp: Path) -> None:
     print(f"  grouped / ungrouped dec_lora, samples/s:                 {spread(ratio('grouped', 'dec_lora'))}")
     if "bf16" in rows:
         print(f"  bf16 / fp32 dec_lora, samples/s:                         {spread(ratio('bf16', 'dec_lora'))}")
+    best = {kind: max(values) for kind, values in rates.items()}  # contention only ever lowers a timing
+    print(
+        f"\nmatmul rate, best of {args.repeats}: fp32 {best['fp32'] / 1e9:.1f}, bf16 {best['bf16'] / 1e9:.1f} GFLOP/s"
+    )
     for name, values in rows.items():
+        peak = best["bf16" if name == "bf16" else "fp32"] / 1e9
         print(
-            f"  {name}: padded/real tokens {values[0]['pad_ratio']:.2f}, fraction of the matmul rate "
-            f"{spread([v['of_matmul'] for v in values])}"
+            f"  {name}: padded/real tokens {values[0]['pad_ratio']:.2f}, fraction of the best matmul rate "
+            f"{spread([v['gflops'] / peak for v in values])}"
         )
 
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork + exec.
 TOKENIZE = """
-import resource, sys
+import sys
 import declora.data as d
 from declora.config import load_config
 from declora.models import load_tokenizer
+def hwm():
+    line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
 cfg = load_config(overrides=sys.argv[1:-1])
 if sys.argv[-1] == "whole":
     d.TOKENIZE_CHUNK = 10**9
 tok = load_tokenizer(cfg.model)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm()
 d.load_task(cfg.data, tok, cfg.model.max_length)
-print(before / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(before, hwm())
 """
 
 
 def memory(args: argparse.Namespace, common: list[str], tmp: Path) -> None:
-    print("\npeak RSS, separate processes:")
+    """Run first: a child's ru_maxrss (summary.json's peak_rss_mb) starts at this process's RSS."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS, separate processes (this launcher: {own:.0f} MB, below every child's peak):")
     for mode in ("whole", "chunked"):
         out = subprocess.run(
             [sys.executable, "-c", TOKENIZE, f"data.path={args.data}", mode], check=True, capture_output=True, text=True
         ).stdout.split()
-        print(
-            f"  tokenize the training split {mode:<8}: {float(out[1]):.0f} MB ({float(out[1]) - float(out[0]):+.0f} MB "
-            "over the tokenizer alone)"
-        )
-    steps = args.samples // args.batch_size  # the same samples for every N: N clients x (steps / N) local steps
+        before, after = float(out[0]), float(out[1])
+        print(f"  tokenize the training split {mode:<8}: {after:.0f} MB ({after - before:+.0f} MB over the tokenizer)")
+    steps = 100  # the same work for every N (100 x batch size samples): N clients x (100 / N) local steps
     base = [c for c in common if not c.startswith(("train.local_steps", "train.rounds"))] + ["train.rounds=1"]
     mb = {}
     for n in (1, 10, 20):
@@ -285,10 +297,10 @@ def main() -> None:
         "checkpoint_every=0",
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.skip_throughput:
-            throughput(args, common, Path(tmp))
         if not args.skip_memory:
             memory(args, common, Path(tmp))
+        if not args.skip_throughput:
+            throughput(args, common, Path(tmp))
     print(f"\nthis process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

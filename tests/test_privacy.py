@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from declora.config import ConfigError, PrivacyConfig, load_config
-from declora.privacy import PeerPrivacy, PoissonStream, ShuffleStream, calibrate, clip_and_sum, per_example_grads
+from declora.privacy import PeerPrivacy, calibrate, clip_and_sum, per_example_grads
+from declora.privacy_sampling import PoissonStream, ShuffleStream
 from declora.rundir import read_metrics
 from declora.trainer import make_clients, run, setup
 
@@ -131,6 +132,16 @@ def test_a_private_step_has_a_clipped_gradient_plus_noise_of_std_sigma_c(tiny_ov
     from scipy.stats import kstest
 
     assert kstest(z, "norm").pvalue > 0.01
+    # an empty Poisson draw: loss 0, the gradient is the noise alone
+    from declora.data import collate
+
+    empty = collate(s.data.train, np.array([], dtype=np.int64), s.data.pad_token_id, s.device)
+    for p in client.params.values():
+        p.grad = None
+    loss = dp.loss(s.model, client.params, empty)
+    loss.backward()
+    noise = torch.cat([p.grad.flatten() for p in client.params.values() if p.requires_grad]) * B / (sigma * C)
+    assert loss.item() == 0.0 and abs(noise.std().item() - 1) < 0.1
 
 
 def test_poisson_stream_samples_at_rate_q_and_resumes_exactly() -> None:

@@ -265,9 +265,10 @@ def test_a_fifth_peer_joins_a_running_swarm_and_finishes(tiny_overrides: list[st
     """Ring of 5, 4 rounds of >= 2 s: peer 4 starts only once peer 0 finished round 1; it starts from the
     mean of its neighbours' adapters, exchanges with both in the rounds it runs, and everyone exits 0."""
     overrides = [o for o in tiny_overrides if not o.startswith(("out_dir=", "train.clients=", "train.rounds="))]
-    # round_timeout_s=8: peers 0 and 3 wait 4 s at start for the never-seen peer 4, well within the others'
-    # round-1 deadline; every round starts with a 2 s sleep, so that the others are still running when it joins
-    overrides += ["train.rounds=4", "swarm.round_timeout_s=8", "swarm.record_ttl_s=3", "eval.clients=false"]
+    # peers 0 and 3 wait swarm.startup_timeout_s for peer 4 at start, within the others' round-1 deadline;
+    # every round starts with a 2 s sleep, so that the others are still running when peer 4 joins
+    overrides += ["train.rounds=4", "swarm.round_timeout_s=15", "swarm.startup_timeout_s=10", "swarm.record_ttl_s=3"]
+    overrides += ["eval.clients=false"]
     out = tmp_path / "s"
     full = [*overrides, "--late", "4@2"]
     rc, log = _swarm(out, 5, full, {"DECLORA_ROUND_DELAY": "2"}, timeout=110)

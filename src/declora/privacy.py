@@ -53,7 +53,6 @@ reduced in another order; tests/test_privacy.py).
 from __future__ import annotations
 
 import importlib.util
-import secrets
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,57 +62,10 @@ import torch
 from torch import nn
 
 from declora.config import Config, ConfigError, PrivacyConfig
-from declora.data import BatchStream
+from declora.privacy_sampling import PoissonStream, ShuffleStream, rng_seed
 
 State = dict[str, torch.Tensor]
-_NOISE, _SAMPLE = 0xD9, 0x9015  # tags that keep the noise and sampling streams apart from other seeds
-
-
-def _seed(secure: bool, *words: int) -> int:
-    """A 63-bit seed: from the OS's entropy, or derived from ``words`` (seed, peer, counter)."""
-    if secure:
-        return secrets.randbits(63)
-    hi, lo = np.random.SeedSequence(list(words)).generate_state(2)
-    return (int(hi) << 31 | int(lo)) & (2**63 - 1)
-
-
-class PoissonStream:
-    """Each draw includes every example independently with probability ``q`` (BatchStream's interface)."""
-
-    def __init__(self, indices: np.ndarray, q: float, seed: int, stream_id: int, secure: bool = False) -> None:
-        self.indices, self.q, self.seed, self.stream_id, self.secure = indices, q, seed, stream_id, secure
-        self.draws = 0
-
-    def next(self) -> np.ndarray:
-        rng = np.random.default_rng(_seed(self.secure, self.seed, self.stream_id, self.draws, _SAMPLE))
-        self.draws += 1
-        return self.indices[rng.random(len(self.indices)) < self.q]
-
-    def state(self) -> dict[str, int]:
-        return {"draws": self.draws}
-
-    def load_state(self, state: dict[str, int]) -> None:
-        self.draws = int(state["draws"])
-
-
-class ShuffleStream(BatchStream):
-    """BatchStream without batches that span two epochs: an epoch's incomplete tail is dropped, so no
-    example is twice in a batch. The same batches as BatchStream when ``batch_size`` divides n."""
-
-    def __init__(self, indices: np.ndarray, batch_size: int, seed: int, stream_id: int, secure: bool) -> None:
-        self.secure = secure
-        super().__init__(indices, batch_size, seed, stream_id)
-
-    def _permutation(self) -> np.ndarray:
-        if self.secure:
-            return self.indices[np.random.default_rng(_seed(True)).permutation(len(self.indices))]
-        return super()._permutation()
-
-    def next(self) -> np.ndarray:
-        if self.pos + self.batch_size > len(self._perm):
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._perm = self._permutation()
-        return super().next()
+_NOISE = 0xD9  # keeps the noise stream apart from other seeds
 
 
 def _attention_mask_4d(model: nn.Module, mask: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -191,15 +143,17 @@ def calibrate(cfg: PrivacyConfig, q: float, steps: int) -> float:
 
     assert cfg.target_epsilon is not None
     try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=cfg.target_epsilon,
-                target_delta=cfg.delta,
-                sample_rate=q,
-                steps=max(steps, 1),
-                accountant=cfg.accountant,
+        with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" at large sigmas
+            warnings.simplefilter("ignore")
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=cfg.target_epsilon,
+                    target_delta=cfg.delta,
+                    sample_rate=q,
+                    steps=max(steps, 1),
+                    accountant=cfg.accountant,
+                )
             )
-        )
     except ValueError:
         raise ConfigError(f"privacy.target_epsilon={cfg.target_epsilon} cannot be reached: raise it") from None
 
@@ -237,7 +191,7 @@ class PeerPrivacy:
             summed, value = {n: torch.zeros_like(p) for n, p in trained.items()}, torch.zeros((), device=device)
         std = self.sigma * self.cfg.max_grad_norm
         gen = torch.Generator(device=device)
-        gen.manual_seed(_seed(self.cfg.secure_rng, self.seed, self.cid, self.steps, _NOISE))
+        gen.manual_seed(rng_seed(self.cfg.secure_rng, self.seed, self.cid, self.steps, _NOISE))
         surrogate = torch.zeros((), device=device)
         for n, p in trained.items():
             g = summed[n].float()

@@ -33,6 +33,8 @@ TITLES = {
     "wall_s": "wall s",
     "samples_per_s": "samples/s",
     "final_eval_loss": "final eval loss",
+    "epsilon": "epsilon (max over peers)",
+    "noise_multiplier": "sigma",
 }
 
 
@@ -61,6 +63,8 @@ def fmt(key: str, v: Any) -> str:
         return f"{v:.3g}"
     if key in ("spectral_gap", "mixing_rms"):
         return f"{v:.4f}"
+    if key in ("epsilon", "noise_multiplier"):  # privacy.mechanism=dp_sgd runs (declora.privacy)
+        return f"{v:.3g}"
     if key.endswith("loss"):
         return f"{v:.3f}"
     return _fmt(key, v)

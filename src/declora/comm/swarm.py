@@ -72,7 +72,7 @@ class SwarmCommunicator(Communicator):
             f"declora peer: client {self.client} is peer {self.peer_id}; join with swarm.initial_peers=[{maddrs[0]}]",
             flush=True,
         )
-        self.startup_timeout_s, self.round_timeout_s = sc.startup_timeout_s, sc.round_timeout_s
+        self.startup_timeout_s = sc.startup_timeout_s
         self.absent: set[int] = set()
         self.clients: dict[int, Any] = {}
         self.latest: State | None = None
@@ -80,27 +80,22 @@ class SwarmCommunicator(Communicator):
 
     # -- start-up and joining ---------------------------------------------------------------------------
     def barrier(self) -> None:
-        """The first call waits until every graph neighbour has loaded its model and data; later calls
-        (checkpoints) wait for nobody: there is no global step.
+        """The first call waits (up to ``swarm.startup_timeout_s``) until every graph neighbour has loaded
+        its model and data; later calls (checkpoints) wait for nobody: there is no global step.
 
-        A neighbour that announced itself (it is loading) is waited for up to ``swarm.startup_timeout_s``;
-        one never seen in the DHT only up to half ``swarm.round_timeout_s`` (it may join later, or never):
-        half, so that the neighbours that did not wait for it still meet this peer before their round-1
-        deadline.
+        A neighbour that joins later (or never) is waited for just as long: lower ``swarm.startup_timeout_s``
+        when peers are expected to join a running swarm.
         """
         self._barriers += 1
         if self._barriers > 1:
             return
         self.node.set_finished(0)  # loaded: "at round 0"
         start = time.monotonic()
-        unseen_wait = min(self.startup_timeout_s, self.round_timeout_s / 2)
         while True:
             records = self.node.records()
             missing = [j for j in self.graph if j not in records or records[j].round < 0]
             waited = time.monotonic() - start
-            if not missing or waited > self.startup_timeout_s or (
-                waited > unseen_wait and all(j not in records for j in missing)
-            ):
+            if not missing or waited > self.startup_timeout_s:
                 break
             time.sleep(0.3)
         if missing:
