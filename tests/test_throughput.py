@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from declora.config import ConfigError, load_config
-from declora.data import BatchStream, tokenize_in_chunks
+from declora.config import ConfigError, DataConfig, load_config
+from declora.data import BatchStream, load_task, tokenize_in_chunks
 from declora.length_grouping import grouped_order, mega_batch_batches, token_lengths
 from declora.precision import autocast, check_mixed_precision, cpu_has_native_bf16, grad_scaler
 from declora.rundir import read_metrics
@@ -106,6 +106,10 @@ def test_chunked_tokenization_is_identical(tiny_bert: Path, sst2_small: Path) ->
         assert set(chunked) == set(whole.keys())
         for key in chunked:
             assert chunked[key] == whole[key], key
+    # load_task (chunked, no attention masks kept) holds the ids of one call over the whole split.
+    data = load_task(DataConfig(path=str(sst2_small)), tok, max_length=16)
+    assert data.train.input_ids == tok(texts, truncation=True, max_length=16)["input_ids"]
+    assert data.train.token_type_ids is None
 
 
 def test_mixed_precision_refusals(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -174,11 +174,12 @@ TOKENIZE_CHUNK = 1000  # rows per tokenizer call: caps the fast tokenizer's per-
 
 
 def tokenize_in_chunks(
-    tokenizer: Any, texts: list[str], pairs: list[str] | None = None, chunk: int = TOKENIZE_CHUNK, **kwargs: Any
+    tokenizer: Any, texts: list[str], pairs: list[str] | None = None, chunk: int | None = None, **kwargs: Any
 ) -> dict[str, list[list[int]]]:
-    """``tokenizer(texts, pairs, **kwargs)``'s id lists, ``chunk`` rows per call: the same ids, but the
-    transient per-row Encoding objects of one call over a whole split (~200 MB for SST-2's 67k rows) are
-    never all alive at once."""
+    """``tokenizer(texts, pairs, **kwargs)``'s id lists, ``chunk`` (default :data:`TOKENIZE_CHUNK`) rows per
+    call: the same ids, but the per-row Encoding objects of one call over a whole split (+200 MB of peak
+    memory for SST-2's 60k training rows) are never all alive at once."""
+    chunk = chunk or TOKENIZE_CHUNK
     out: dict[str, list[list[int]]] = {}
     for start in range(0, max(len(texts), 1), chunk):  # one call for an empty split, as before
         part = pairs[start : start + chunk] if pairs is not None else None
@@ -228,7 +229,16 @@ def load_task(
     def tokenize(ds: Any, part: str) -> TokenizedSplit:
         texts = [str(t) if t is not None else "" for t in ds[text_col]]
         pairs = [str(t) for t in ds[cfg.text_pair_column]] if cfg.text_pair_column else None
-        enc = tokenize_in_chunks(tokenizer, texts, pairs, truncation=True, max_length=max_length)
+        # No attention masks (collate builds them) and no token types for single texts: less peak memory.
+        enc = tokenize_in_chunks(
+            tokenizer,
+            texts,
+            pairs,
+            truncation=True,
+            max_length=max_length,
+            return_attention_mask=False,
+            return_token_type_ids=pairs is not None,
+        )
         return TokenizedSplit(
             input_ids=enc["input_ids"],
             token_type_ids=enc.get("token_type_ids") if pairs is not None else None,

@@ -188,8 +188,7 @@ def report_sigterm(describe: Callable[[], str], exit_code: Callable[[], int]) ->
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "sigwait"):
         return False
 
-    def wait() -> None:
-        signal.sigwait({signal.SIGTERM})
+    def respond() -> None:
         mark_stopping()  # before anything else: a peer that finds this process gone must know why
         try:
             line, code = "declora: error: " + " ".join(describe().split()), exit_code()
@@ -202,6 +201,13 @@ def report_sigterm(describe: Callable[[], str], exit_code: Callable[[], int]) ->
         os.write(2, (line + "\n").encode())
         os._exit(code)  # not sys.exit: the main thread may be inside a gloo call that never returns
 
+    def wait() -> None:
+        signal.sigwait({signal.SIGTERM})
+        respond()
+
+    # a thread started before this call (none on CPU; CUDA may have some) does not block SIGTERM: a signal
+    # delivered to it runs this handler once the main thread is back in Python, instead of killing silently
+    signal.signal(signal.SIGTERM, lambda *_: respond())
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=wait, name="declora-sigterm", daemon=True).start()
     return True
