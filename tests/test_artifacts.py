@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, _head, require_shared_data
+from conftest import SHARED_DATA, _head, make_tiny_bert, require_shared_data
 
 from declora.config import ConfigError, load_config
 from declora.inference import load_run, predict
@@ -35,24 +35,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, hidden-32 BERT encoder without a head (like MiniLM's files): any num_labels loads."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from declora.models import resolve_model_path
-
-    out = tmp_path_factory.mktemp("tiny-encoder")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-encoder"), head=False)
 
 
 @pytest.fixture(scope="module")

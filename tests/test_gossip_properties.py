@@ -30,7 +30,10 @@ N = 9
 def states64(n: int, seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return {
-        i: {"lora_A": torch.randn(3, 5, generator=g, dtype=torch.float64), "head": torch.randn(4, generator=g, dtype=torch.float64)}
+        i: {
+            "lora_A": torch.randn(3, 5, generator=g, dtype=torch.float64),
+            "head": torch.randn(4, generator=g, dtype=torch.float64),
+        }
         for i in range(n)
     }
 
