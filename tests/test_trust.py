@@ -295,6 +295,9 @@ def test_guard_losses_against_a_reference() -> None:
     Guard(1e-3).losses(1, {0: 1e30})  # off by default: only non-finite values stop
     with pytest.raises(DivergenceError, match="client 0, stage 'training loss'"):
         Guard(1e-3).losses(4, {0: float("nan")})
+    first_step = Guard(1e-3, divergence_factor=10.0)  # a first round that already blew up is caught
+    with pytest.raises(DivergenceError, match=r"round 1, client 0.*initial 0\.69"):
+        first_step.losses(1, {0: 7.3e9}, {0: types.SimpleNamespace(step_losses=[0.69, 1e10])})
     resumed = Guard(1e-3, divergence_factor=2.0, initial_loss=1.0)
     with pytest.raises(DivergenceError, match="initial 1"):
         resumed.losses(5, {0: 2.5})

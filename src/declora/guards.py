@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,7 +65,8 @@ class Guard:
         lr: the run's learning rate (named in the fix).
         run_dir: the run directory (named in the fix).
         divergence_factor: stop when a client's mean training loss of a round exceeds this many times its
-            initial value (its first round's, or the run's first metrics row after a resume); None = off.
+            initial value (the loss of its first step, before any update; after a resume the run's first
+            metrics row); None = off.
         initial_loss: the baseline when resuming (the first metrics row's train_loss), if any.
     """
 
@@ -92,15 +94,23 @@ class Guard:
             if bad is not None:
                 raise self._fail(round_, i, stage, f"{bad} is not finite")
 
-    def losses(self, round_: int, losses: Mapping[int, float]) -> None:
-        """Each client's mean training loss of the round: finite, and under the divergence factor."""
+    def losses(self, round_: int, losses: Mapping[int, float], clients: Mapping[int, Any] | None = None) -> None:
+        """Each client's mean training loss of the round: finite, and under the divergence factor.
+
+        Args:
+            clients: the clients, whose ``step_losses[0]`` (the loss before their first optimizer step) is
+                the initial value; without it, the client's first mean round loss is.
+        """
         for i in sorted(losses):
             loss = float(losses[i])
             if not math.isfinite(loss):
                 raise self._fail(round_, i, "training loss", f"mean loss is {loss}")
             if self.factor is None:
                 continue
-            base = self.initial.setdefault(i, self.resumed_initial if self.resumed_initial is not None else loss)
+            if i not in self.initial:
+                steps = getattr((clients or {}).get(i), "step_losses", None) or [loss]
+                self.initial[i] = self.resumed_initial if self.resumed_initial is not None else float(steps[0])
+            base = self.initial[i]
             if base > 0 and loss > self.factor * base:
                 raise self._fail(
                     round_,

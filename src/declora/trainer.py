@@ -232,7 +232,7 @@ def run(
             active = [i for i in active if i in live.online]
         k = {i: live.steps[i] if live else steps for i in active}
         losses = {i: c.local_steps(s.model, s.data, k[i], round_, s.device) for i, c in clients.items() if i in active}
-        guard.losses(round_, losses)
+        guard.losses(round_, losses, clients)
         guard.states(round_, {i: clients[i].state() for i in losses}, "after local steps")
         # 2. Communication: what is exchanged and how it is combined is the algorithm's business.
         Wt = churn.mixing(live) if live else W  # churn: mixing on the live graph (failed edges carry nothing)
