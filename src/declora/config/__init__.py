@@ -1,0 +1,37 @@
+"""Typed run configuration: nested dataclasses, YAML files and dotted overrides (OmegaConf).
+
+Every field carries its help text in ``metadata["help"]`` (shown by ``declora train --help-config``).
+Validation lives in ``__post_init__`` and raises :class:`ConfigError` with one line that names the
+option to change, so a bad input stops before any model is loaded.
+
+Example:
+    >>> cfg = load_config(overrides=["train.clients=4", "topology.kind=complete"])
+    >>> cfg.train.clients, cfg.topology.kind
+    (4, 'complete')
+"""
+
+from declora.config.dataset import DataConfig, PartitionConfig
+from declora.config.loading import config_help, load_config, to_yaml
+from declora.config.model import ModelConfig, PeftConfig
+from declora.config.root import Config
+from declora.config.runtime import PrivacyConfig, SwarmConfig
+from declora.config.training import CommConfig, EvalConfig, TopologyConfig, TrainConfig
+from declora.errors import ConfigError
+
+__all__ = [
+    "CommConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "PartitionConfig",
+    "PeftConfig",
+    "PrivacyConfig",
+    "SwarmConfig",
+    "TopologyConfig",
+    "TrainConfig",
+    "config_help",
+    "load_config",
+    "to_yaml",
+]

@@ -1,0 +1,118 @@
+"""Loading a :class:`Config` from defaults, YAML, dicts and dotted overrides; YAML out; the option help."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from declora.config.root import Config
+from declora.errors import ConfigError
+
+
+def load_config(
+    path: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> Config:
+    """Build a validated :class:`Config` from defaults, an optional YAML file and dotted overrides.
+
+    With ``resume=RUN_DIR``, ``RUN_DIR/config.yaml`` is the base under ``path`` and ``overrides``, and
+    ``out_dir`` is ``RUN_DIR``.
+
+    Example:
+        >>> load_config({"train": {"clients": 4}, "train.rounds": 2}, ["peft.r=4"]).train.rounds
+        2
+
+    Args:
+        path: YAML file whose keys mirror :class:`Config` (unknown keys are errors), or the same as a
+            dict (nested, dotted keys, or both), or a :class:`Config`.
+        overrides: ``key=value`` strings, e.g. ``["train.clients=10", "topology.kind=ring"]``, or a dict
+            as for ``path``.
+
+    Raises:
+        ConfigError: one line naming the offending option.
+    """
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if isinstance(path, (dict, Config)):
+            layers.append(_layer(path))
+        elif path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"--config {path}: no such file")
+            layers.append(OmegaConf.load(path))
+        if isinstance(overrides, dict):
+            layers.append(_layer(overrides))
+            overrides = []
+        for item in overrides or []:
+            if not isinstance(item, str) or "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key=value, e.g. train.clients=10")
+        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        merged = OmegaConf.merge(*layers)
+        saved = Path(merged.resume or "") / "config.yaml"
+        if merged.resume is not None and saved.is_file():  # continue a run: its config is the base layer
+            base = OmegaConf.load(saved)
+            for once in ("overwrite", "resume_from_scratch"):  # said for one start, never inherited
+                base.pop(once, None)
+            merged = OmegaConf.merge(schema, base, *layers[1:])
+            merged.out_dir = merged.resume  # and it continues in its own directory
+        elif isinstance(path, (str, Path)) and merged.out_dir is not None:
+            from declora.protect import reloaded_out_dir  # RUN/config.yaml records RUN: start a new folder
+
+            overridden = any("out_dir" in layer for layer in layers[2:])
+            merged.out_dir = reloaded_out_dir(merged.out_dir, True, overridden, None)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]  # runs every __post_init__
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from None
+
+
+def _layer(values: dict[str, Any] | Config) -> Any:
+    """An OmegaConf layer from a Config or a dict whose keys may be dotted (``{"train.clients": 4}``)."""
+    if isinstance(values, Config):
+        return OmegaConf.structured(values)
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r} must be a string such as 'train.clients'")
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {key!r}: {part!r} is an option, not a section")
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = OmegaConf.to_container(OmegaConf.merge(node[leaf], value))
+        else:
+            node[leaf] = value
+    return OmegaConf.create(nested)
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    first = str(err).splitlines()[0]
+    if "not in struct" in first or "Key '" in first and "not" in first:
+        return f"unknown option {key!r}: see `declora train --help-config` for the valid keys"
+    return f"{key}: {first}" if key else first
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what ``config.yaml`` in a run directory holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_help() -> str:
+    """A reference of every option with its default and help text."""
+    lines: list[str] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"{prefix}{f.name} = {value!r}\n    {f.metadata.get('help', '')}")
+
+    walk(Config(), "")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""``privacy.*`` and ``swarm.*``: per-peer differential privacy and the serverless swarm runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from declora.config.fields import _choice, _f, _int_at_least, _positive
+from declora.errors import ConfigError
+
+
+@dataclass
+class PrivacyConfig:
+    mechanism: str = _f(
+        "none",
+        "none, or dp_sgd: every peer clips each example's gradient of its trainable tensors to max_grad_norm and "
+        "adds Gaussian noise (declora.privacy); epsilon per peer goes to metrics.jsonl and summary.json.",
+    )
+    max_grad_norm: float = _f(1.0, "dp_sgd: per-example clipping bound C (L2 over all trained tensors jointly).")
+    noise_multiplier: float | None = _f(
+        None, "dp_sgd: sigma (noise std = sigma * C per coordinate); or null and set privacy.target_epsilon."
+    )
+    target_epsilon: float | None = _f(
+        None, "dp_sgd: the epsilon each peer may spend over the run's planned steps; sigma is derived from it."
+    )
+    delta: float = _f(1e-5, "dp_sgd: delta of the (epsilon, delta) guarantee; keep it below 1 / a peer's examples.")
+    poisson: bool = _f(
+        True,
+        "dp_sgd: Poisson sampling (each example in each step with probability batch_size / peer examples), "
+        "which the accountant assumes; false = shuffled fixed-size batches, accounted as if Poisson.",
+    )
+    accountant: str = _f("rdp", "dp_sgd: Opacus accountant, rdp (Renyi DP) or prv (tighter, slower).")
+    secure_rng: bool = _f(
+        False,
+        "dp_sgd: draw noise and batches from OS entropy (not reproducible) instead of train.seed; a guarantee "
+        "against anyone who may know the config needs true.",
+    )
+
+    def __post_init__(self) -> None:
+        _choice("privacy.mechanism", self.mechanism, ("none", "dp_sgd"))
+        _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
+        _positive("privacy.max_grad_norm", self.max_grad_norm)
+        if self.noise_multiplier is not None:
+            _positive("privacy.noise_multiplier", self.noise_multiplier, allow_zero=True)
+        if self.target_epsilon is not None:
+            _positive("privacy.target_epsilon", self.target_epsilon)
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"privacy.delta={self.delta} must be in (0, 1), e.g. 1e-5")
+        sigma, target = self.noise_multiplier is not None, self.target_epsilon is not None
+        if self.mechanism == "none" and (sigma or target):
+            raise ConfigError("privacy.noise_multiplier/target_epsilon need privacy.mechanism=dp_sgd; set it")
+        if self.mechanism == "dp_sgd" and sigma == target:
+            raise ConfigError("privacy.mechanism=dp_sgd: set exactly one of privacy.noise_multiplier, target_epsilon")
+
+
+@dataclass
+class SwarmConfig:
+    client_id: int = _f(0, "runtime=swarm: this peer's client id (its node in the graph and its data share), 0..N-1.")
+    initial_peers: list[str] = _f(
+        [], "runtime=swarm: multiaddrs of any live peers to join through ([] = this peer starts the swarm)."
+    )
+    host: str = _f("127.0.0.1", "runtime=swarm: interface to listen on (0.0.0.0 = all, for other machines).")
+    port: int = _f(0, "runtime=swarm: TCP port to listen on; 0 = any free port (open a fixed one in the firewall).")
+    announce_maddrs: list[str] = _f(
+        [], "runtime=swarm: public multiaddrs to announce (behind NAT with a forwarded port); [] = what libp2p sees."
+    )
+    use_relay: bool = _f(True, "runtime=swarm: allow reaching peers behind NAT through libp2p circuit relays.")
+    use_auto_relay: bool = _f(False, "runtime=swarm: behind NAT yourself: find a relay to become reachable.")
+    identity_path: str | None = _f(
+        None, "runtime=swarm: key file fixing this peer's ID (created if missing); null = <out_dir>/swarm/identity.key"
+    )
+    allowlist_file: str | None = _f(
+        None, "runtime=swarm: allowed peer IDs, one 'PEER_ID [CLIENT_ID]' per line; null = anyone may join (testing)."
+    )
+    round_timeout_s: float = _f(
+        120.0, "runtime=swarm: per-round deadline after the local steps; neighbours not exchanged by then are skipped."
+    )
+    startup_timeout_s: float = _f(
+        600.0, "runtime=swarm: seconds a peer waits at start for its graph neighbours before training without them."
+    )
+    record_ttl_s: float = _f(
+        20.0, "runtime=swarm: lifetime of a peer's DHT record (refreshed every third): how fast a dead peer vanishes."
+    )
+    name: str = _f("declora", "runtime=swarm: the swarm's name (DHT key prefix): peers of one run share it.")
+
+    def __post_init__(self) -> None:
+        _int_at_least("swarm.client_id", self.client_id, 0)
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"swarm.port={self.port} must be in 0..65535 (0 = any free port)")
+        for name in ("round_timeout_s", "startup_timeout_s", "record_ttl_s"):
+            _positive(f"swarm.{name}", getattr(self, name))
+        if not self.name or any(c.isspace() for c in self.name):
+            raise ConfigError(f"swarm.name={self.name!r} must be a non-empty word")
