@@ -160,9 +160,13 @@ def test_best_round_is_chosen_on_validation_and_test_numbers_are_unchanged(
     rows = read_metrics(ag_run["run_dir"])
     assert all(r["val_accuracy"] is not None for r in rows)
     drop = ("wall_s", "val_accuracy", "val_loss")
+    # Equal up to float rounding: with 2 intra-op threads, the extra validation pass can change which
+    # kernel path later float32 reductions take (allocation alignment), moving the consensus error ~1e-9.
     assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == [
-        {k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(plain["run_dir"])
+        pytest.approx({k: v for k, v in r.items() if k != "wall_s"}, rel=1e-6, abs=1e-9)
+        for r in read_metrics(plain["run_dir"])
     ]
+    assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in read_metrics(plain["run_dir"])]
     assert ag_run["best_round_selected_on"] == "validation" and ag_run["validation_examples"] == 40
     best = max(rows, key=lambda r: r["val_accuracy"])
     assert (ag_run["best_round"], ag_run["best_validation_accuracy"]) == (best["round"], best["val_accuracy"])
@@ -198,7 +202,8 @@ def test_checkpoints_are_deleted_after_success_unless_kept(tiny_overrides: list[
 
 def test_environment_json_records_threads_cpu_commit_and_model_package(ag_run: dict) -> None:
     env = json.loads((Path(ag_run["run_dir"]) / "environment.json").read_text())
-    assert env["torch_threads"] == 1 and env["cpu_count"] >= 1 and env["cpu"]
+    assert isinstance(env["torch_threads"], int) and env["torch_threads"] >= 1  # as many as the run had
+    assert env["cpu_count"] >= 1 and env["cpu"]
     assert env["declora"] == "0.1.0" and "declora_commit" in env
     from declora.provenance import model_package
 

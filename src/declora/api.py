@@ -247,9 +247,12 @@ def train(
 ) -> RunResult:
     """Train with a config, exactly as ``declora train`` does; returns a :class:`RunResult`.
 
-    Example:
-        >>> result = declora.train({"train.rounds": 3}, train={"clients": 4}, out_dir="runs/demo")
-        >>> result.final_accuracy, result.run_dir
+    Example (a real MiniLM run of a few minutes, so not executed as a doctest)::
+
+        import declora
+
+        result = declora.train({"train.rounds": 3}, train={"clients": 4}, out_dir="runs/demo")
+        print(result.final_accuracy, result.run_dir)
 
     Args:
         config: None (defaults), a ``Config``, a YAML path, a dict (nested and/or dotted keys) or a list
