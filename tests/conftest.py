@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,17 @@ def make_sst2_small(out: Path) -> Path:
     _head(SHARED_DATA / "sst2" / "train.tsv", out / "train.tsv", 600)
     _head(SHARED_DATA / "sst2" / "test.tsv", out / "test.tsv", 120)
     return out
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test (on a shared 2-core machine two threads contend and run ~10x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

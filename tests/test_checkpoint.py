@@ -4,7 +4,6 @@ without its marker (a crash during the save) is never loaded, and resume refuses
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,7 @@ from declora.fault_injection import parse
 from declora.rundir import read_metrics
 from declora.trainer import run
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine two threads contend and run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest
 
 
 def _run(overrides: list[str], *extra: str) -> dict:

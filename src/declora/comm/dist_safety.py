@@ -163,9 +163,12 @@ def exited(peers: dict[int, str]) -> list[int]:
     return dead
 
 
-def sigterm_line(rank: int, round_: int, processes: dict[int, str]) -> str:
-    """The line of a rank stopped by SIGTERM: names a peer on this machine that exited, if there is one."""
-    dead = exited(processes)
+def sigterm_line(rank: int, round_: int, processes: dict[int, str], dead: list[int] | None = None) -> str:
+    """The line of a rank stopped by SIGTERM: names a peer on this machine that exited, if there is one.
+
+    ``dead``: the :func:`exited` snapshot to use (so the line and the exit code agree); None = look now.
+    """
+    dead = exited(processes) if dead is None else dead
     when = f"at round {round_}" if round_ else "at start-up"
     if dead:
         return (

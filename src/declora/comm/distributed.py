@@ -154,10 +154,14 @@ class DistributedCommunicator(Communicator):
 
     def sigterm_line(self) -> str:
         """What this rank says when the launcher SIGTERMs it (torchrun does as soon as any rank exits)."""
-        return dist_safety.sigterm_line(self.rank, self.round, self.processes)
+        self._sigterm_dead = dist_safety.exited(self.processes)  # one snapshot for the line and the code
+        return dist_safety.sigterm_line(self.rank, self.round, self.processes, self._sigterm_dead)
 
     def sigterm_code(self) -> int:
-        return PeerError.exit_code if dist_safety.exited(self.processes) else dist_safety.SIGTERM_EXIT
+        """1 when the line names an exited peer, else 128 + SIGTERM (the same snapshot as the line)."""
+        dead = getattr(self, "_sigterm_dead", None)
+        dead = dist_safety.exited(self.processes) if dead is None else dead
+        return PeerError.exit_code if dead else dist_safety.SIGTERM_EXIT
 
     # -- failure handling ------------------------------------------------------------------------------
     def _report(self, peer: int, kind: str = "missing", detail: str = "") -> None:
