@@ -239,7 +239,11 @@ def test_hung_rank_is_named_after_the_timeout(tiny_overrides: list[str], tmp_pat
     assert ranks[1].rc is None  # still hanging until the launcher's group was killed
     for r in (0, 2):  # its neighbours on the ring
         assert ranks[r].rc == 1, ranks[r].log[-2000:]
-        assert "peer rank 1 is missing at round 2" in ranks[r].log
+        assert "is missing at round 2" in ranks[r].log, ranks[r].log[-2000:]
+    # Timeouts race: rank 3 (waiting on ranks 0 and 2, themselves blocked on rank 1) can time out first and
+    # record "rank 0 missing" before rank 0 records rank 1; a neighbour reading the store then may repeat
+    # that record (seen once in three clean CI runs). At least one neighbour names the hung rank itself.
+    assert any("peer rank 1 is missing at round 2" in ranks[r].log for r in (0, 2)), [ranks[r].log for r in (0, 2)]
     assert ranks[3].rc == 1 and "missing at round 2" in ranks[3].log
     assert max(ranks[r].ended for r in (0, 2, 3)) - start < 100
 
