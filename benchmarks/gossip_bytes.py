@@ -14,11 +14,11 @@ import sys
 
 import torch
 
-from declora.cli import quiet_libraries
-from declora.compress import Quantizer
+from declora.cli.main import quiet_libraries
 from declora.config import load_config
-from declora.models import build_model, trainable_state
-from declora.topology import Topology
+from declora.mixing.compress import Quantizer
+from declora.mixing.topology import Topology
+from declora.model.loading import build_model, trainable_state
 
 
 def main(overrides: list[str]) -> None:

@@ -3,7 +3,7 @@
 Throughput, in this one process, interleaved (A B C D E, A B C D E, ...) so that machine load hits
 every configuration alike, each on the same number of samples:
 
-* ``dec_lora``: ``declora.trainer.run`` with N clients on a ring (its ``train_s``: local steps + gossip);
+* ``dec_lora``: ``declora.train.trainer.run`` with N clients on a ring (its ``train_s``: local steps + gossip);
 * ``centralized``: the same samples through one pooled model (``train.algorithm=centralized``);
 * ``peft_loop``: a plain transformers + peft loop (one PeftModel, AdamW) on the very batches that
   ``dec_lora`` drew in the same repeat (recorded while it ran): identical padded tokens;
@@ -42,18 +42,18 @@ from typing import Any
 import numpy as np
 import torch
 
-import declora.client
+import declora.client.client
+from declora.client.precision import cpu_has_native_bf16
 from declora.config import load_config
-from declora.data import collate, load_task
-from declora.models import build_model, forward_with, load_tokenizer, select_device, trainable_state
-from declora.precision import cpu_has_native_bf16
-from declora.trainer import run as declora_run
+from declora.data.loading import collate, load_task
+from declora.model.loading import build_model, forward_with, load_tokenizer, select_device, trainable_state
+from declora.train.trainer import run as declora_run
 
 RECORD: list[tuple[np.ndarray, int, int]] = []  # (indices, padded tokens, real tokens) of every training batch
 
 
 def counting_collate(split: Any, indices: np.ndarray, pad_token_id: int, device: torch.device) -> dict:
-    """declora.client's collate, recording each training batch (evaluation uses its own import)."""
+    """declora.client.client's collate, recording each training batch (evaluation uses its own import)."""
     batch = collate(split, indices, pad_token_id, device)
     RECORD.append((np.asarray(indices).copy(), batch["input_ids"].numel(), int(batch["attention_mask"].sum())))
     return batch
@@ -97,7 +97,7 @@ def plain_peft_loop(cfg: Any, data: Any, batches: list[np.ndarray], device: torc
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from declora.models import resolve_model_path
+    from declora.model.loading import resolve_model_path
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(cfg.model.name_or_path), num_labels=2)
@@ -122,7 +122,7 @@ def spread(values: list[float]) -> str:
 
 
 def throughput(args: argparse.Namespace, common: list[str], tmp: Path) -> None:
-    declora.client.collate = counting_collate  # type: ignore[attr-defined]
+    declora.client.client.collate = counting_collate  # type: ignore[attr-defined]
     configs: dict[str, list[str]] = {
         "dec_lora": [],
         "centralized": ["train.algorithm=centralized"],
@@ -219,9 +219,9 @@ def throughput(args: argparse.Namespace, common: list[str], tmp: Path) -> None:
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork + exec.
 TOKENIZE = """
 import sys
-import declora.data as d
+import declora.data.loading as d
 from declora.config import load_config
-from declora.models import load_tokenizer
+from declora.model.loading import load_tokenizer
 def hwm():
     line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM"))
     return int(line.split()[1]) / 1024

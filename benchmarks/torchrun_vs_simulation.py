@@ -29,7 +29,7 @@ def tiny_bert(folder: Path) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from declora.models import resolve_model_path
+    from declora.model.loading import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     config = BertConfig(

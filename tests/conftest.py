@@ -71,7 +71,7 @@ def make_tiny_bert(out: Path, head: bool = True) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
-    from declora.models import resolve_model_path
+    from declora.model.loading import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     config = BertConfig(
@@ -99,7 +99,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from declora.config import ModelConfig
-    from declora.models import load_tokenizer
+    from declora.model.loading import load_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = load_tokenizer(ModelConfig(name_or_path="smollm2", task_type="causal_lm"))

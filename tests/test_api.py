@@ -17,10 +17,10 @@ import torch
 import yaml
 
 import declora
-from declora.cli import main
+from declora.cli.main import main
 from declora.config import Config, TrainConfig, load_config
 from declora.errors import ConfigError
-from declora.rundir import read_metrics
+from declora.rundir.layout import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,9 +183,9 @@ def test_causal_lm_with_in_memory_data_and_model_equals_files(
 
 
 def test_run_result_adapters_are_the_run_s_and_reload_to_its_accuracy(reference: Path) -> None:
-    from declora.data import load_task
-    from declora.evaluate import evaluate, length_sorted
-    from declora.models import load_tokenizer
+    from declora.data.loading import load_task
+    from declora.evaluation.evaluate import evaluate, length_sorted
+    from declora.model.loading import load_tokenizer
 
     cfg = load_config(reference / "config.yaml")
     result = declora.RunResult(

@@ -11,8 +11,8 @@ import pytest
 from conftest import SHARED_DATA, require_shared_data
 
 from declora.config import load_config
-from declora.rundir import read_metrics
-from declora.trainer import run
+from declora.rundir.layout import read_metrics
+from declora.train.trainer import run
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from declora.config import load_config
-from declora.rundir import read_metrics
-from declora.trainer import run
+from declora.rundir.layout import read_metrics
+from declora.train.trainer import run
 
 KEYS = ("round", "train_loss", "accuracy", "eval_loss", "consensus_error", "bytes_sent")
 VARIANTS = {

@@ -12,10 +12,10 @@ import torch
 from conftest import SHARED_DATA, _head
 from test_artifacts import TEXTS, ag_run, agnews_small, one_thread, tiny_encoder  # noqa: F401 (fixtures)
 
-from declora.cli import main
+from declora.cli.main import main
 from declora.config import ConfigError
 from declora.inference import evaluate_run, export, load_run, predict
-from declora.rundir import read_metrics
+from declora.rundir.layout import read_metrics
 
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from declora.client.precision import autocast, check_mixed_precision, cpu_has_native_bf16, grad_scaler
 from declora.config import ConfigError, DataConfig, load_config
-from declora.data import BatchStream, load_task, tokenize_in_chunks
-from declora.length_grouping import grouped_order, mega_batch_batches, token_lengths
-from declora.precision import autocast, check_mixed_precision, cpu_has_native_bf16, grad_scaler
-from declora.rundir import read_metrics
-from declora.trainer import run
+from declora.data.grouping import grouped_order, mega_batch_batches, token_lengths
+from declora.data.loading import BatchStream, load_task, tokenize_in_chunks
+from declora.rundir.layout import read_metrics
+from declora.train.trainer import run
 
 
 def _lengths(n: int, seed: int = 0) -> np.ndarray:
@@ -117,7 +117,7 @@ def test_mixed_precision_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
         check_mixed_precision("fp16", torch.device("cpu"))
     with pytest.raises(ConfigError, match="train.mixed_precision='fp8' is not one of no, bf16, fp16"):
         load_config(overrides=["train.mixed_precision=fp8"])
-    monkeypatch.setattr("declora.precision.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("declora.client.precision.cpu_has_native_bf16", lambda: False)
     with pytest.raises(ConfigError, match="AVX512-BF16/AMX") as err:
         check_mixed_precision("bf16", torch.device("cpu"))
     assert "\n" not in str(err.value)
@@ -128,8 +128,8 @@ def test_refusal_comes_before_the_model_loads(tiny_overrides: list[str], monkeyp
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the mixed-precision check")
 
-    monkeypatch.setattr("declora.trainer.build_model", no_model)
-    monkeypatch.setattr("declora.trainer.load_tokenizer", no_model)
+    monkeypatch.setattr("declora.train.trainer.build_model", no_model)
+    monkeypatch.setattr("declora.train.trainer.load_tokenizer", no_model)
     with pytest.raises(ConfigError, match="fp16"):
         run(load_config(overrides=[*tiny_overrides, "train.mixed_precision=fp16", "model.device=cpu"]))
 
@@ -164,7 +164,7 @@ def test_bf16_and_grouped_runs_on_the_tiny_model(tiny_overrides: list[str], tmp_
 
 
 def test_average_of_many_clients_is_blocked_but_equal() -> None:
-    from declora.mixing import AVERAGE_BLOCK, average_states
+    from declora.mixing.kernel import AVERAGE_BLOCK, average_states
 
     g = torch.Generator().manual_seed(0)
     states = [

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import torch
 
-from declora import checkpoint
-from declora.cli import main
+from declora.cli.main import main
+from declora.client.guards import Guard
 from declora.config import Config, ConfigError, load_config
 from declora.errors import DataError, DecloraError, DivergenceError, PeerError
-from declora.guards import Guard
-from declora.rundir import RunDir, read_metrics
+from declora.rundir.layout import RunDir, read_metrics
+from declora.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,19 +46,19 @@ def _one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int) -
 
 
 def _run(overrides: list[str], *extra: str) -> dict:
-    from declora.trainer import run
+    from declora.train.trainer import run
 
     return run(load_config(overrides=[*overrides, *extra]))
 
 
 def _no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading the model fails the test: the error must come before it."""
-    import declora.trainer
+    import declora.train.trainer
 
     def boom(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the model was loaded before the error")
 
-    monkeypatch.setattr(declora.trainer, "build_model", boom)
+    monkeypatch.setattr(declora.train.trainer, "build_model", boom)
 
 
 # --- 2. every option validated up front --------------------------------------------------------------
@@ -110,14 +110,14 @@ def test_the_walk_finds_the_options_of_every_section() -> None:
 def test_every_numeric_option_rejects_nan_inf_and_out_of_range_in_one_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import declora.cli
+    import declora.cli.main
 
     def accepted(cfg: Any, **kwargs: Any) -> None:
         raise AssertionError("a bad value reached the trainer")
 
     # a bad value that passes validation fails fast here instead of loading a model
-    monkeypatch.setitem(sys.modules, "declora.trainer", types.SimpleNamespace(run=accepted))
-    monkeypatch.setattr(declora.cli, "quiet_libraries", lambda: None)
+    monkeypatch.setitem(sys.modules, "declora.train.trainer", types.SimpleNamespace(run=accepted))
+    monkeypatch.setattr(declora.cli.main, "quiet_libraries", lambda: None)
     main(["train", "train.lr=nan"])  # warm the imports
     capsys.readouterr()
     checked = []
@@ -188,7 +188,7 @@ def test_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_error_family_and_exit_codes() -> None:
-    from declora.client import TrainingError
+    from declora.client.client import TrainingError
     from declora.comm.distributed import PeerFailure
 
     failure = PeerFailure(2, 3, 0, "exchange", "reset")
@@ -246,8 +246,8 @@ def test_nan_in_a_later_round_keeps_the_last_good_checkpoint_and_resume_continue
 def test_non_finite_state_and_eval_loss_are_caught(
     stage: str, tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import declora.trainer
-    from declora.client import Client
+    import declora.train.trainer
+    from declora.client.client import Client
 
     if stage == "after local steps":
         real_steps = Client.local_steps
@@ -261,9 +261,9 @@ def test_non_finite_state_and_eval_loss_are_caught(
         monkeypatch.setattr(Client, "local_steps", steps)
         where = "round 1, client 3"
     else:
-        real_eval = declora.trainer.evaluate_round
+        real_eval = declora.train.trainer.evaluate_round
         monkeypatch.setattr(
-            declora.trainer, "evaluate_round", lambda *a, **k: real_eval(*a, **k) | {"eval_loss": float("inf")}
+            declora.train.trainer, "evaluate_round", lambda *a, **k: real_eval(*a, **k) | {"eval_loss": float("inf")}
         )
         where = "round 1, client average"
     with pytest.raises(DivergenceError, match=f"{where}, stage '{stage}'"):
@@ -328,7 +328,7 @@ def test_data_problems_name_the_file_and_row_before_the_model(
 
 def test_float_labels_without_gaps_are_read_as_integers(tmp_path: Path) -> None:
     from declora.config import DataConfig
-    from declora.data import load_train_labels
+    from declora.data.loading import load_train_labels
 
     (tmp_path / "train.csv").write_text("text,label\ngood,1.0\nbad,0.0\nfine,1.0\n")
     cfg = DataConfig(task="generic", path=str(tmp_path), text_column="text", label_column="label")
@@ -384,7 +384,7 @@ def test_reloading_a_runs_config_starts_a_new_folder(
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     cfg = load_config(out / "config.yaml")
     assert cfg.out_dir is None  # RUN/config.yaml records out_dir=RUN, which holds a run
-    from declora.trainer import run
+    from declora.train.trainer import run
 
     again = run(cfg)
     assert Path(again["run_dir"]).resolve() != out.resolve() and (Path(again["run_dir"]) / "DONE").is_file()
@@ -393,10 +393,10 @@ def test_reloading_a_runs_config_starts_a_new_folder(
 
 
 def test_two_default_run_folders_in_the_same_second_differ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import declora.rundir
+    import declora.rundir.layout
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(declora.rundir.time, "strftime", lambda *a: "20250101-000000")
+    monkeypatch.setattr(declora.rundir.layout.time, "strftime", lambda *a: "20250101-000000")
     cfg = load_config()
     paths = [RunDir(cfg).path for _ in range(3)]
     assert [p.name for p in paths] == [
@@ -457,7 +457,7 @@ def test_metrics_and_summary_are_strict_json(tmp_path: Path) -> None:
 def test_the_kernel_notice_is_hidden_before_the_model_is_built(
     tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import declora.trainer
+    import declora.train.trainer
 
     calls: list[Any] = []
 
@@ -465,15 +465,15 @@ def test_the_kernel_notice_is_hidden_before_the_model_is_built(
         calls.append("build_model")
         raise KeyboardInterrupt  # stop setup here
 
-    monkeypatch.setattr(declora.trainer, "hide_bnb_cpu_notice", lambda quantized: calls.append(quantized))
-    monkeypatch.setattr(declora.trainer, "build_model", built)
+    monkeypatch.setattr(declora.train.trainer, "hide_bnb_cpu_notice", lambda quantized: calls.append(quantized))
+    monkeypatch.setattr(declora.train.trainer, "build_model", built)
     with pytest.raises(KeyboardInterrupt):
-        declora.trainer.setup(load_config(overrides=tiny_overrides))
+        declora.train.trainer.setup(load_config(overrides=tiny_overrides))
     assert calls == [False, "build_model"]  # not quantized: hidden, before peft imports bitsandbytes
 
 
 def test_bitsandbytes_imported_after_the_filter_prints_no_notice() -> None:
-    code = "from declora.quantized_base import hide_bnb_cpu_notice as h; h(False); import bitsandbytes"
+    code = "from declora.model.quantized import hide_bnb_cpu_notice as h; h(False); import bitsandbytes"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if "No module named 'bitsandbytes'" in proc.stderr:
         pytest.skip("bitsandbytes is not installed")
@@ -483,7 +483,7 @@ def test_bitsandbytes_imported_after_the_filter_prints_no_notice() -> None:
 def test_the_notice_filter_is_only_installed_for_unquantized_bases() -> None:
     import logging
 
-    from declora.quantized_base import BNB_CPU_LOGGER, BNB_CPU_NOTICE, hide_bnb_cpu_notice
+    from declora.model.quantized import BNB_CPU_LOGGER, BNB_CPU_NOTICE, hide_bnb_cpu_notice
 
     logger = logging.getLogger(BNB_CPU_LOGGER)
     record = logging.LogRecord(BNB_CPU_LOGGER, logging.WARNING, "x", 1, BNB_CPU_NOTICE + " from %s", ("k",), None)

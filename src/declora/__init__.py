@@ -23,8 +23,8 @@ _LAZY: dict[str, str] = {
     "train": "declora.api",
     "resolve_config": "declora.api",
     "RunResult": "declora.api",
-    "Callback": "declora.callbacks",
-    "read_metrics": "declora.rundir",
+    "Callback": "declora.train.callbacks",
+    "read_metrics": "declora.rundir.layout",
     # configuration
     "load_config": "declora.config",
     "to_yaml": "declora.config",
@@ -39,7 +39,7 @@ _LAZY: dict[str, str] = {
     "EvalConfig": "declora.config",
     "CommConfig": "declora.config",
     # graphs and data splits
-    "Topology": "declora.topology",
+    "Topology": "declora.mixing.topology",
     "Partitioner": "declora.partition",
     "IidPartitioner": "declora.partition",
     "DirichletPartitioner": "declora.partition",

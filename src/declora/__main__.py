@@ -2,6 +2,6 @@
 
 import sys
 
-from declora.cli import main
+from declora.cli.main import main
 
 sys.exit(main())

@@ -101,7 +101,7 @@ class RunResult:
             base: the base model to load into (required when the run was given a model object);
                 None = loaded from ``model.name_or_path`` as the run loaded it.
         """
-        from declora.models import load_base
+        from declora.model.loading import load_base
 
         path = self.adapter_dir(adapter)
         if base is None and self.config is None:
@@ -273,8 +273,8 @@ def train(
         ConfigError: a bad option, split, column or object, before any training.
     """
     from declora.config import DataConfig, ModelConfig
-    from declora.trackers import check_trackers
-    from declora.trainer import run
+    from declora.train.trackers import check_trackers
+    from declora.train.trainer import run
 
     if _is_section(data, DataConfig):  # data={"task": ...}: the config section, not a dataset
         data, overrides = None, {"data": data} | overrides
@@ -294,7 +294,7 @@ def train(
     check_trackers(cfg.report_to)
     with quiet_libraries() if quiet else contextlib.nullcontext():
         summary = run(cfg, inputs=Inputs(splits, model, tokenizer), callbacks=callbacks)
-    from declora.rundir import read_metrics
+    from declora.rundir.layout import read_metrics
 
     run_dir = Path(summary["run_dir"])
     history = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []

@@ -3,8 +3,8 @@
 Everything is rebuilt from the run directory: ``config.yaml`` gives the base model (resolved by declora,
 so embedded aliases work offline), the PEFT wrapping and the data options; ``summary.json`` (or the
 adapter's ``declora.json``) the label names; ``adapters/<name>/`` the trained tensors. Evaluation goes
-through the trainer's own :func:`declora.evaluate.evaluate` on a split loaded as the run loaded its
-held-out split (:func:`declora.validation.load_split`), so ``declora eval RUN`` reproduces the run's
+through the trainer's own :func:`declora.evaluation.evaluate.evaluate` on a split loaded as the run loaded its
+held-out split (:func:`declora.data.validation.load_split`), so ``declora eval RUN`` reproduces the run's
 reported accuracy exactly.
 
 Example:
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from declora.config import Config, ConfigError
-from declora.models import State
+from declora.model.loading import State
 
 _ADAPTER_FILES = ("adapter_model.safetensors", "head.safetensors")
 
@@ -68,7 +68,7 @@ def read_adapter_state(model: nn.Module, path: Path) -> State:
     """Load ``path``'s saved tensors into ``model`` (peft's own key mapping) and return them as a state."""
     from safetensors.torch import load_file
 
-    from declora.models import load_state, trainable_state
+    from declora.model.loading import load_state, trainable_state
 
     if (path / "adapter_model.safetensors").is_file():
         from peft import set_peft_model_state_dict
@@ -90,7 +90,7 @@ def load_run(run_dir: str | Path, adapter: str = "average") -> LoadedRun:
         ConfigError: not a run directory, no such adapter, or tensors that do not fit.
     """
     from declora.config import load_config
-    from declora.models import build_model, load_tokenizer
+    from declora.model.loading import build_model, load_tokenizer
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
@@ -107,8 +107,8 @@ def load_run(run_dir: str | Path, adapter: str = "average") -> LoadedRun:
 
 def _split_and_cap(cfg: Config, split: str | None, data_path: str | None, cap: int | None) -> tuple[str, int | None]:
     """The split to read and its subset size: the run's own (and its cap) unless told otherwise."""
-    from declora.data import TASKS, find_data_dir
-    from declora.validation import validation_split_name
+    from declora.data.loading import TASKS, find_data_dir
+    from declora.data.validation import validation_split_name
 
     same_data = data_path is None
     if split == "validation" and same_data and cfg.data.validation_split != "none":
@@ -143,8 +143,8 @@ def evaluate_run(
         data_path: another folder with files in the run's columns (``data.path``).
         max_examples: a seeded subset (as ``data.max_eval_examples``); None = the run's cap or all.
     """
-    from declora.evaluate import evaluate, length_sorted
-    from declora.validation import load_split, read_split
+    from declora.data.validation import load_split, read_split
+    from declora.evaluation.evaluate import evaluate, length_sorted
 
     lr = loaded or load_run(run_dir, adapter)
     cfg = lr.cfg if data_path is None else replace(lr.cfg, data=replace(lr.cfg.data, path=str(data_path)))
@@ -166,7 +166,7 @@ def _text_dataset(lr: LoadedRun, texts: list[str]) -> Any:
     """``texts`` as a raw split in the run's columns (a placeholder label, never scored)."""
     import datasets
 
-    from declora.data import TASKS
+    from declora.data.loading import TASKS
 
     spec = TASKS.get(lr.cfg.data.task)
     d = lr.cfg.data
@@ -175,7 +175,7 @@ def _text_dataset(lr: LoadedRun, texts: list[str]) -> Any:
     text_col = d.text_column or (spec.text_column if spec else None)
     label_col = d.label_column or (spec.label_column if spec else None)
     if lr.cfg.model.task_type == "causal_lm":
-        from declora.causal_data import template_fields, template_of
+        from declora.data.causal import template_fields, template_of
 
         fields = sorted(set(template_fields(template_of(d))))
         if len(fields) != 1:
@@ -186,10 +186,10 @@ def _text_dataset(lr: LoadedRun, texts: list[str]) -> Any:
 
 def predict(lr: LoadedRun, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
     """The label of each text (and, for a classifier, the probability of every label)."""
-    from declora.data import collate
-    from declora.evaluate import evaluate
-    from declora.models import forward_with
-    from declora.validation import load_split
+    from declora.data.loading import collate
+    from declora.data.validation import load_split
+    from declora.evaluation.evaluate import evaluate
+    from declora.model.loading import forward_with
 
     if not texts:
         return []
@@ -216,7 +216,7 @@ def read_texts(file: str | Path, lr: LoadedRun) -> list[str]:
     if not file.is_file():
         raise ConfigError(f"--file {file}: no such file")
     if file.suffix in (".tsv", ".csv", ".jsonl", ".json", ".parquet"):
-        from declora.data import _load_local
+        from declora.data.loading import _load_local
 
         ds = _load_local(file.parent, file.stem)
         column = next(iter(_text_dataset(lr, [""]).column_names))
@@ -243,7 +243,7 @@ def export(run_dir: str | Path, out: str | Path, adapter: str = "average", merge
         shutil.copytree(source, out, dirs_exist_ok=True)
         lr.tokenizer.save_pretrained(str(out))
         return out
-    from declora.models import load_state
+    from declora.model.loading import load_state
 
     load_state(lr.model, lr.state)
     merged = lr.model.merge_and_unload() if hasattr(lr.model, "merge_and_unload") else lr.model

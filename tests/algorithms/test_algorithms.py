@@ -13,11 +13,11 @@ from declora.algorithms.dec_decaf import DecDeCAF, decaf_mix, refactor
 from declora.algorithms.fedavg import FedAvg, sample_clients
 from declora.comm import InProcessCommunicator
 from declora.config import ConfigError, load_config
-from declora.mixing import average_states, mix_states
-from declora.models import build_model, trainable_state
-from declora.rundir import read_metrics
-from declora.topology import Topology
-from declora.trainer import run
+from declora.mixing.kernel import average_states, mix_states
+from declora.mixing.topology import Topology
+from declora.model.loading import build_model, trainable_state
+from declora.rundir.layout import read_metrics
+from declora.train.trainer import run
 
 LORA_A, LORA_B = "m.lora_A.default.weight", "m.lora_B.default.weight"
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from declora.algorithms.gossip import ChocoGossip, QuantizedGossip, build_gossip, compressed_gossip
 from declora.comm import InProcessCommunicator
 from declora.comm.base import Message, message_bytes, neighbors
-from declora.comm.gossip import ChocoGossip, QuantizedGossip, build_gossip, compressed_gossip
-from declora.compress import Quantizer
-from declora.mixing import average_states, consensus_error
-from declora.topology import Topology
+from declora.mixing.compress import Quantizer
+from declora.mixing.kernel import average_states, consensus_error
+from declora.mixing.topology import Topology
 
 State = dict[str, torch.Tensor]
 

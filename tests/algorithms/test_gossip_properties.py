@@ -1,6 +1,6 @@
 """The real gossip path (InProcessCommunicator + the one kernel) on every graph kind and mixing rule.
 
-Each property is checked through :func:`declora.comm.gossip.exact_gossip` over the simulation's
+Each property is checked through :func:`declora.algorithms.gossip.exact_gossip` over the simulation's
 communicator, not through a reference formula, so the code that runs in training is the code tested;
 the config's choice lists are checked against the registries they name.
 """
@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from declora.algorithms import ALGORITHMS
+from declora.algorithms.gossip import compressed_gossip, exact_gossip
 from declora.comm import InProcessCommunicator
-from declora.comm.gossip import compressed_gossip, exact_gossip
-from declora.compress import Quantizer
 from declora.config import ConfigError, load_config
-from declora.mixing import average_states, consensus_error, mix_row, mix_states
+from declora.mixing.compress import Quantizer
+from declora.mixing.kernel import average_states, consensus_error, mix_row, mix_states
+from declora.mixing.topology import MIXING_RULES, TOPOLOGIES, Topology
+from declora.model.peft_methods import METHODS
 from declora.partition import PARTITIONERS
-from declora.peft_methods import METHODS
-from declora.topology import MIXING_RULES, TOPOLOGIES, Topology
 
 N = 9
 

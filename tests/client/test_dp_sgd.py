@@ -1,4 +1,4 @@
-"""DP-SGD per peer (declora.privacy): per-example gradients, clipping, noise, accounting, resume."""
+"""DP-SGD per peer (declora.client.dp_sgd): per-example gradients, clipping, noise, accounting, resume."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from declora.client.dp_batches import PoissonStream, ShuffleStream
+from declora.client.dp_sgd import PeerPrivacy, calibrate, clip_and_sum, per_example_grads
 from declora.config import ConfigError, PrivacyConfig, load_config
-from declora.privacy import PeerPrivacy, calibrate, clip_and_sum, per_example_grads
-from declora.privacy_sampling import PoissonStream, ShuffleStream
-from declora.rundir import read_metrics
-from declora.trainer import make_clients, run, setup
+from declora.rundir.layout import read_metrics
+from declora.train.trainer import make_clients, run, setup
 
 DP = ["privacy.mechanism=dp_sgd"]
 
@@ -37,7 +37,7 @@ def tiny_bert_no_dropout(tiny_bert: Path, tmp_path_factory: pytest.TempPathFacto
 def _setup_batch(overrides: list[str], size: int = 6):
     s = setup(load_config(overrides=overrides))
     client = make_clients(s, [0])[0]
-    from declora.data import collate
+    from declora.data.loading import collate
 
     return s, client, collate(s.data.train, s.parts[0][:size], s.data.pad_token_id, s.device)
 
@@ -47,7 +47,7 @@ def test_per_example_grads_equal_single_example_backward_passes(tiny_overrides: 
     s, client, batch = _setup_batch([*tiny_overrides, f"peft.method={method}"])
     s.model.eval()  # no dropout: the two computations see the same function
     grads, losses = per_example_grads(s.model, client.params, batch)
-    from declora.models import forward_with
+    from declora.model.loading import forward_with
 
     for k in range(len(batch["labels"])):
         params = {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in client.params.items()}
@@ -133,7 +133,7 @@ def test_a_private_step_has_a_clipped_gradient_plus_noise_of_std_sigma_c(tiny_ov
 
     assert kstest(z, "norm").pvalue > 0.01
     # an empty Poisson draw: loss 0, the gradient is the noise alone
-    from declora.data import collate
+    from declora.data.loading import collate
 
     empty = collate(s.data.train, np.array([], dtype=np.int64), s.data.pad_token_id, s.device)
     for p in client.params.values():
@@ -267,7 +267,7 @@ def test_every_locally_training_algorithm_accounts_each_peer_s_own_steps(
     tiny_overrides: list[str], algorithm: str
 ) -> None:
     from declora.algorithms import build_algorithm
-    from declora.privacy import planned_steps
+    from declora.client.dp_sgd import planned_steps
 
     extra = [f"train.algorithm={algorithm}", "privacy.noise_multiplier=1.0", "eval.clients=false"]
     extra += ["train.local_steps=1", "train.rounds=3"]
@@ -286,7 +286,7 @@ def test_every_locally_training_algorithm_accounts_each_peer_s_own_steps(
 def test_per_example_grads_of_a_causal_lm_equal_single_example_backward_passes(
     tiny_llama: Path, sst2_small: Path
 ) -> None:
-    from declora.models import forward_with
+    from declora.model.loading import forward_with
 
     out = tiny_llama
     overrides = [f"model.name_or_path={out}", "model.task_type=causal_lm", f"data.path={sst2_small}", "peft.r=4"]

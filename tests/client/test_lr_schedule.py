@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import declora
-from declora.client import Client
+from declora.client.client import Client
+from declora.client.lr_schedule import make_scheduler, warmup_steps
 from declora.config import TrainConfig, load_config
-from declora.data import BatchStream
+from declora.data.loading import BatchStream
 from declora.errors import ConfigError
-from declora.rundir import read_metrics
-from declora.schedule import make_scheduler, warmup_steps
+from declora.rundir.layout import read_metrics
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_accumulated_micro_batches_equal_one_big_batch_and_step_the_schedule_onc
 ) -> None:
     from dataclasses import replace
 
-    from declora.trainer import setup
+    from declora.train.trainer import setup
 
     cfg = load_config(overrides=[*tiny_overrides, "train.optimizer=sgd", "train.lr=0.5"])
     s = setup(cfg)

@@ -24,8 +24,8 @@ from declora.comm import dist_safety
 from declora.comm.distributed import DistributedCommunicator, PeerFailure, pack, unpack
 from declora.comm.messages import MessageRejected
 from declora.config import ConfigError, load_config
-from declora.rundir import read_metrics
-from declora.trainer import run
+from declora.rundir.layout import read_metrics
+from declora.train.trainer import run
 
 LAUNCHER = Path(__file__).with_name("rank_launcher.py")
 
@@ -249,8 +249,8 @@ def test_hung_rank_is_named_after_the_timeout(tiny_overrides: list[str], tmp_pat
 
 
 def test_launch_builds_the_torchrun_command_and_checks_the_process_count(capsys: pytest.CaptureFixture) -> None:
-    from declora.cli import main
-    from declora.launch import torchrun_command
+    from declora.cli.main import main
+    from declora.launch.torchrun import torchrun_command
 
     cmd = torchrun_command(4, ["train.rounds=3"], config="recipe.yaml")
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m"]

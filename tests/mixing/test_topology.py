@@ -1,4 +1,4 @@
-"""Tests for declora.topology: graphs, mixing matrices, checks, spectral gap and drawing."""
+"""Tests for declora.mixing.topology: graphs, mixing matrices, checks, spectral gap and drawing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from declora.topology import (
+from declora.mixing.topology import (
     MIXING_RULES,
     TOPOLOGIES,
     Topology,

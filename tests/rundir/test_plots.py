@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from declora.cli import main
-from declora.compare import differences, load_run, markdown_table, plot_compare
+from declora.cli.main import main
 from declora.config import load_config
-from declora.plots import integer_rounds, plot_run, run_title, shows_consensus
-from declora.trainer import run
+from declora.experiments.compare import differences, load_run, markdown_table, plot_compare
+from declora.rundir.plots import integer_rounds, plot_run, run_title, shows_consensus
+from declora.train.trainer import run
 
 
 @pytest.fixture(autouse=True)

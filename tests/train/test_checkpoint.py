@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from declora import checkpoint
 from declora.algorithms.dec_lora import DecLoRA
 from declora.config import ConfigError, load_config
 from declora.fault_injection import parse
-from declora.rundir import read_metrics
-from declora.trainer import run
+from declora.rundir.layout import read_metrics
+from declora.train import checkpoint
+from declora.train.trainer import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest
 
@@ -85,7 +85,7 @@ def test_a_marker_naming_another_round_or_unreadable_is_ignored(tmp_path: Path) 
 def test_crash_inside_the_atomic_write_leaves_no_checkpoint_file(
     tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import declora.rundir as rundir
+    import declora.rundir.layout as rundir
 
     real_replace = rundir.os.replace
 

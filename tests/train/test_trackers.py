@@ -12,8 +12,8 @@ import pytest
 
 import declora
 from declora.errors import ConfigError
-from declora.rundir import read_metrics
-from declora.trackers import check_trackers, numbers
+from declora.rundir.layout import read_metrics
+from declora.train.trackers import check_trackers, numbers
 
 ROUND_KEYS = ("accuracy", "eval_loss", "consensus_error", "train_loss", "client_accuracy_mean", "bytes_sent")
 

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from declora.config import load_config
-from declora.rundir import read_metrics
-from declora.trainer import run
+from declora.rundir.layout import read_metrics
+from declora.train.trainer import run
 
 METRIC_KEYS = {
     "round",
@@ -115,8 +115,8 @@ def _reload_predictions(tiny_bert: Path, adapter: Path, data) -> np.ndarray:  # 
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from declora.data import collate
-    from declora.evaluate import length_sorted
+    from declora.data.loading import collate
+    from declora.evaluation.evaluate import length_sorted
 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
@@ -129,8 +129,8 @@ def _reload_predictions(tiny_bert: Path, adapter: Path, data) -> np.ndarray:  # 
 def test_saved_client_adapter_reloads_to_the_same_predictions(
     tiny_overrides: list[str], tiny_bert: Path, tmp_path: Path
 ) -> None:
-    from declora.evaluate import evaluate, length_sorted
-    from declora.trainer import make_clients, save_adapter, setup
+    from declora.evaluation.evaluate import evaluate, length_sorted
+    from declora.train.trainer import make_clients, save_adapter, setup
 
     s = setup(load_config(overrides=tiny_overrides))
     client = make_clients(s, [2])[2]
@@ -141,8 +141,8 @@ def test_saved_client_adapter_reloads_to_the_same_predictions(
 
 
 def test_saved_average_adapter_reproduces_the_reported_accuracy(tiny_overrides: list[str], tiny_bert: Path) -> None:
-    from declora.evaluate import length_sorted
-    from declora.trainer import setup
+    from declora.evaluation.evaluate import length_sorted
+    from declora.train.trainer import setup
 
     summary = _run(tiny_overrides)
     s = setup(load_config(Path(summary["run_dir"]) / "config.yaml"))
@@ -152,7 +152,7 @@ def test_saved_average_adapter_reproduces_the_reported_accuracy(tiny_overrides: 
 
 
 def test_nan_loss_names_round_and_client(tiny_overrides: list[str]) -> None:
-    from declora.client import TrainingError
+    from declora.client.client import TrainingError
 
     with pytest.raises(TrainingError, match=r"round 1, client \d"):
         _run(tiny_overrides, "train.optimizer=sgd", "train.lr=1e30")

@@ -25,7 +25,7 @@ import torch
 from declora.algorithms.base import Algorithm
 from declora.algorithms.dec_ffa_lora import is_lora_A
 from declora.comm.base import Communicator, State
-from declora.mixing import weighted_sum
+from declora.mixing.kernel import weighted_sum
 
 
 def refactor(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Dec-LoRA (Ghiasvand et al., 2025): gossip every trainable tensor, A and B mixed separately.
 
-With ``comm.bits < 32`` the messages are quantized (:mod:`declora.compress`), and with
-``comm.error_feedback`` the gossip is CHOCO's (:mod:`declora.comm.gossip`); its public copies are this
+With ``comm.bits < 32`` the messages are quantized (:mod:`declora.mixing.compress`), and with
+``comm.error_feedback`` the gossip is CHOCO's (:mod:`declora.algorithms.gossip`); its public copies are this
 strategy's :meth:`state_dict`.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from declora.algorithms.base import Algorithm
+from declora.algorithms.gossip import ChocoGossip, QuantizedGossip, build_gossip, exact_gossip
 from declora.comm.base import Communicator, State
-from declora.comm.gossip import ChocoGossip, QuantizedGossip, build_gossip, exact_gossip
 from declora.config import Config
 
 

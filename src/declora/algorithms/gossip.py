@@ -2,7 +2,7 @@
 and CHOCO-gossip with error feedback.
 
 All go through :meth:`Communicator.send` only, so the in-process simulation and torch.distributed run
-this very code, and all mix with the one kernel :func:`declora.mixing.mix_row`. In compressed gossip
+this very code, and all mix with the one kernel :func:`declora.mixing.kernel.mix_row`. In compressed gossip
 neighbours receive what the sender quantized; a client's own copy stays exact.
 
 CHOCO-gossip (Koloskova, Stich and Jaggi, 2019): every client keeps public copies ``x̂`` of itself and
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from declora.comm.base import Communicator, neighbors
-from declora.compress import Quantizer, State
-from declora.mixing import mix_row
+from declora.mixing.compress import Quantizer, State
+from declora.mixing.kernel import mix_row
 
 
 def rounding_generator(seed: int, round_: int, client: int) -> torch.Generator:

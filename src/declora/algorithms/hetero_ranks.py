@@ -47,7 +47,7 @@ from declora.algorithms.dec_ffa_lora import is_lora_A
 from declora.algorithms.local import LocalOnly
 from declora.comm.base import Communicator, State
 from declora.config import Config
-from declora.mixing import average_states, weighted_sum
+from declora.mixing.kernel import average_states, weighted_sum
 
 
 def expand_ranks(ranks: Sequence[int], clients: int) -> list[int]:

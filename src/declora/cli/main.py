@@ -24,8 +24,8 @@ from declora.errors import DecloraError, PeerError, debug_requested, one_line
 
 
 def _format_summary(summary: dict[str, Any]) -> str:
-    """A two-column table of the headline numbers (see :func:`declora.cli_run.format_summary`)."""
-    from declora.cli_run import format_summary
+    """A two-column table of the headline numbers (see :func:`declora.cli.runs.format_summary`)."""
+    from declora.cli.runs import format_summary
 
     return format_summary(summary)
 
@@ -51,8 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)
     quiet_libraries()
-    from declora.cli_run import AnnounceRunDir, format_summary
-    from declora.trainer import run
+    from declora.cli.runs import AnnounceRunDir, format_summary
+    from declora.train.trainer import run
 
     summary = run(cfg, callbacks=[AnnounceRunDir()])
     print("\nsummary")
@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_topology(args: argparse.Namespace) -> int:
     from declora.config import TopologyConfig
-    from declora.topology import Topology, draw_topology
+    from declora.mixing.topology import Topology, draw_topology
 
     options = {"kind": args.kind, "mixing": args.mixing, "p": args.p, "rows": args.rows, "edges_file": args.edges_file}
     try:
@@ -82,13 +82,13 @@ def cmd_topology(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from declora.launch import launch
+    from declora.launch.torchrun import launch
 
     return launch(args.clients, args.overrides, args.config, dry_run=args.dry_run)
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
-    from declora.swarm_launch import run_peer
+    from declora.launch.swarm import run_peer
 
     summary = run_peer(args.config, args.overrides)
     print("\nsummary (this peer's own model)")
@@ -97,14 +97,14 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
-    from declora.swarm_launch import launch_swarm, parse_late
+    from declora.launch.swarm import launch_swarm, parse_late
 
     return launch_swarm(args.clients, args.overrides, args.config, args.out, parse_late(args.late, args.clients))
 
 
-# `declora partition` takes flags, not dotted options: its errors name the flag (declora.cli_run).
+# `declora partition` takes flags, not dotted options: its errors name the flag (declora.cli.runs).
 def cmd_partition(args: argparse.Namespace) -> int:
-    from declora.cli_run import partition_flag_hints
+    from declora.cli.runs import partition_flag_hints
 
     try:
         return _partition(args)
@@ -122,7 +122,7 @@ def _partition(args: argparse.Namespace) -> int:
     import numpy as np
 
     from declora.config import load_config
-    from declora.data import load_train_labels
+    from declora.data.loading import load_train_labels
     from declora.partition import partition_counts, partitioner_from_config, plot_partition
 
     overrides = [f"partition.kind={args.kind}", f"train.clients={args.clients}", f"data.task={args.task}"]
@@ -143,7 +143,7 @@ def _partition(args: argparse.Namespace) -> int:
 
     datasets.disable_progress_bars()
     labels, names, source = load_train_labels(cfg.data, seed=args.seed)
-    from declora.data_checks import check_proportions
+    from declora.data.checks import check_proportions
 
     check_proportions(cfg.partition.kind, cfg.partition.proportions, names, source)  # a row per class at most
     p = cfg.partition
@@ -169,7 +169,7 @@ def _partition(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from declora.compare import differences, load_run, markdown_table, plot_compare, write_csv
+    from declora.experiments.compare import differences, load_run, markdown_table, plot_compare, write_csv
 
     runs = [load_run(d) for d in args.run_dirs]
     for warning in differences(runs):  # settings that make the numbers incomparable
@@ -188,7 +188,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
 
-    from declora.reproduce import find_experiment, list_experiments, run_experiment, validate, write_report
+    from declora.experiments.reproduce import find_experiment, list_experiments, run_experiment, validate, write_report
 
     recipes = Path(args.recipes) if args.recipes else None
     if args.list or not args.experiments:
@@ -198,7 +198,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     names = [e.name for e in list_experiments(recipes)] if args.experiments == ["all"] else args.experiments
     out = Path(args.out)
     if args.page:  # one results page from what has finished so far (no training)
-        from declora.reproduce import collect
+        from declora.experiments.reproduce import collect
 
         intro = (
             f"Every table below is written by `declora reproduce EXPERIMENT "
@@ -227,7 +227,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from declora.causal_eval import generate_from_run
+    from declora.evaluation.causal import generate_from_run
 
     quiet_libraries()
     prompt, text = generate_from_run(args.run_dir, args.prompt, args.max_new_tokens, args.adapter, args.raw)
@@ -241,11 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show the traceback of an error (also DECLORA_DEBUG=1; any position)"
     )
     from declora import __version__
-    from declora.cli_run import add_run_commands
+    from declora.cli.runs import add_run_commands
 
     parser.add_argument("--version", action="version", version=f"declora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_run_commands(sub)  # eval, predict, export (declora.cli_run)
+    add_run_commands(sub)  # eval, predict, export (declora.cli.runs)
 
     p = sub.add_parser("train", help="train with a config file and/or dotted key=value overrides")
     p.add_argument("--config", help="YAML file (keys as in `declora train --help-config`)")

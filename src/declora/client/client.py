@@ -1,7 +1,7 @@
 """One client: its trainable tensors, its local optimizer, its data stream, and its K local steps.
 
 A client never holds a model. Its tensors are swapped into the one shared base model for each
-forward pass (:func:`declora.models.forward_with`); its optimizer state never leaves it.
+forward pass (:func:`declora.model.loading.forward_with`); its optimizer state never leaves it.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from declora.client.guards import check_loss
+from declora.client.lr_schedule import make_scheduler
+from declora.client.precision import autocast, grad_scaler
 from declora.config import TrainConfig
-from declora.data import BatchStream, TaskData, collate
+from declora.data.loading import BatchStream, TaskData, collate
 from declora.errors import DivergenceError
-from declora.guards import check_loss
-from declora.models import State, forward_with
-from declora.precision import autocast, grad_scaler
-from declora.schedule import make_scheduler
+from declora.model.loading import State, forward_with
 
 TrainingError = DivergenceError  # the former name: training diverged (names round, client and stage)
 
@@ -52,7 +52,7 @@ class Client:
     total_steps: int | None = None  # optimizer steps over the run (the lr schedule's horizon); None = T x K
     optimizer: torch.optim.Optimizer = field(init=False)
     step_losses: list[float] = field(init=False, default_factory=list)  # the last local_steps, per step
-    privacy: Any = field(init=False, default=None)  # declora.privacy.PeerPrivacy under privacy.mechanism=dp_sgd
+    privacy: Any = field(init=False, default=None)  # declora.client.dp_sgd.PeerPrivacy under privacy.mechanism=dp_sgd
 
     def __post_init__(self) -> None:
         trained = [p for p in self.params.values() if p.requires_grad]

@@ -1,6 +1,6 @@
-"""The batches of DP-SGD (declora.privacy): Poisson sampling, or shuffled batches without repeats.
+"""The batches of DP-SGD (declora.client.dp_sgd): Poisson sampling, or shuffled batches without repeats.
 
-Both keep :class:`~declora.data.BatchStream`'s interface (``next``, ``state``, ``load_state``), so a
+Both keep :class:`~declora.data.loading.BatchStream`'s interface (``next``, ``state``, ``load_state``), so a
 client swaps its stream and resumes exactly. Seeds come from ``(train.seed, peer, draw)``, or from the
 OS's entropy with ``privacy.secure_rng=true``.
 """
@@ -11,7 +11,7 @@ import secrets
 
 import numpy as np
 
-from declora.data import BatchStream
+from declora.data.loading import BatchStream
 
 _SAMPLE = 0x9015  # keeps the sampling stream apart from other seeds
 

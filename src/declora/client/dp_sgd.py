@@ -61,8 +61,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from declora.client.dp_batches import PoissonStream, ShuffleStream, rng_seed
 from declora.config import Config, ConfigError, PrivacyConfig
-from declora.privacy_sampling import PoissonStream, ShuffleStream, rng_seed
 
 State = dict[str, torch.Tensor]
 _NOISE = 0xD9  # keeps the noise stream apart from other seeds
@@ -70,7 +70,7 @@ _NOISE = 0xD9  # keeps the noise stream apart from other seeds
 
 def _attention_mask_4d(model: nn.Module, mask: torch.Tensor, causal: bool) -> torch.Tensor:
     """The (B, 1, q, k) mask transformers takes as-is: its own 2D -> 4D conversion inspects the mask's
-    values (``padding_mask.all()``), which vmap cannot batch. Right padding (declora.data.collate)."""
+    values (``padding_mask.all()``), which vmap cannot batch. Right padding (declora.data.loading.collate)."""
     keep = mask[:, None, None, :].bool()
     if causal:
         n = mask.shape[1]

@@ -29,7 +29,7 @@ def fix_hint(lr: float, run_dir: str | Path | None = None) -> str:
     fix = f"lower train.lr (now {lr:g}) or set train.max_grad_norm"
     if run_dir is None:
         return f"{fix}; declora train resume=RUN_DIR train.lr=<lower> continues from the last checkpoint"
-    from declora.integrity import newest_intact
+    from declora.rundir.integrity import newest_intact
 
     last, _ = newest_intact(run_dir)
     if last == 0:

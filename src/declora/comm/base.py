@@ -3,8 +3,8 @@
 A process owns ``local_clients``: every client in the in-process simulation, its own rank under
 torch.distributed. The one transport primitive is :meth:`Communicator.exchange` (send my message to
 my graph neighbours, receive theirs); :meth:`Communicator.send` adds the byte count (one formula), and
-every gossip variant (:mod:`declora.comm.gossip`) is built on it, so the simulation and
-torch.distributed run the very same mixing code (:func:`declora.mixing.mix_row`).
+every gossip variant (:mod:`declora.algorithms.gossip`) is built on it, so the simulation and
+torch.distributed run the very same mixing code (:func:`declora.mixing.kernel.mix_row`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from declora.mixing import state_bytes
+from declora.mixing.kernel import state_bytes
 
 State = dict[str, torch.Tensor]
 Message = dict[str, torch.Tensor]  # what goes on the wire: a state, or an encoded (packed) state
@@ -87,7 +87,7 @@ class Communicator(ABC):
         return received, sum(len(neighbors(W, i)) * message_bytes(messages[i]) for i in messages)
 
     def gossip(self, states: dict[int, State], W: np.ndarray) -> tuple[dict[int, State], int]:
-        """Exact gossip, ``X_i <- sum_j W_ij X_j`` (:func:`declora.comm.gossip.exact_gossip`)."""
-        from declora.comm.gossip import exact_gossip
+        """Exact gossip, ``X_i <- sum_j W_ij X_j`` (:func:`declora.algorithms.gossip.exact_gossip`)."""
+        from declora.algorithms.gossip import exact_gossip
 
         return exact_gossip(self, states, W)

@@ -6,7 +6,7 @@ is all-reduced for gossip. ``average`` (FedAvg's server, and the evaluated avera
 ``all_reduce``; ``gather``/``total`` (metrics) are ``all_gather``/``all_reduce``.
 
 A message (a dict of tensors of any dtypes: fp32 states, or uint8 codes + fp32 scales from
-:mod:`declora.compress`) travels as ONE uint8 buffer per neighbour: every tensor's bytes, concatenated
+:mod:`declora.mixing.compress`) travels as ONE uint8 buffer per neighbour: every tensor's bytes, concatenated
 in key order. All clients' messages share names, shapes and dtypes, so a receiver sizes its buffer and
 cuts it back into tensors from its own message. The bytes arrive bit for bit.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from declora.comm.base import Communicator, Message, State, message_bytes, neighbors
-from declora.mixing import average_states
+from declora.mixing.kernel import average_states
 
 
 class InProcessCommunicator(Communicator):

@@ -7,7 +7,7 @@ The trainer's round loop is the same as for the other runtimes; this communicato
   received message passed :func:`declora.comm.messages.receive` (names, shapes, dtypes, finite values,
   round, sender) before it is returned;
 - :meth:`SwarmCommunicator.round_matrix` is W_t's row for this peer: the base W with the weight of every
-  neighbour it did not exchange with moved to its diagonal (:func:`declora.live_graph.local_row`), so a
+  neighbour it did not exchange with moved to its diagonal (:func:`declora.mixing.live.local_row`), so a
   round without failures mixes with W bit for bit, and a failed edge is failed at both ends (see
   :mod:`declora.comm.swarm_net` for how both ends agree, and what happens when they cannot);
 - there is no global view: ``average``/``gather``/``total`` return this peer's own values, so a peer's
@@ -38,16 +38,16 @@ from declora.comm.base import Communicator, Message, State, message_bytes, neigh
 from declora.comm.swarm_net import Allowlist, SwarmNode, say_to_stderr
 from declora.config import Config, ConfigError
 from declora.fault_injection import poisoned
-from declora.live_graph import local_row
-from declora.mixing import average_states
-from declora.rundir import atomic_write_bytes, atomic_write_text
+from declora.mixing.kernel import average_states
+from declora.mixing.live import local_row
+from declora.rundir.layout import atomic_write_bytes, atomic_write_text
 
 
 class SwarmCommunicator(Communicator):
     """This process is client ``swarm.client_id``; it writes its own run directory (``rank`` 0)."""
 
     def __init__(self, cfg: Config, workers: int) -> None:
-        from declora.topology import Topology
+        from declora.mixing.topology import Topology
 
         sc = cfg.swarm
         if cfg.out_dir is None:
@@ -105,7 +105,7 @@ class SwarmCommunicator(Communicator):
         """Catch up with the swarm: the round to continue after, and (newcomer) a start from the neighbours.
 
         Args:
-            done: the trainer's :class:`~declora.checkpoint.Progress` after a possible resume.
+            done: the trainer's :class:`~declora.train.checkpoint.Progress` after a possible resume.
             clients: this process's one client (kept: newcomers are served its state).
         """
         self.clients = clients

@@ -18,7 +18,7 @@ i < j, i initiates; both ends have a deadline ``round_timeout_s`` after they ent
    round t is already closed (it answers "late" then), and acknowledges;
 3. i counts the edge iff the acknowledgement came back "ok"; j counts it iff it committed before
    closing its round. Everything else (a refusal, a bad message, a missed deadline) is a failed edge
-   at both ends, whose weight goes to both diagonals (:func:`declora.live_graph.local_row`).
+   at both ends, whose weight goes to both diagonals (:func:`declora.mixing.live.local_row`).
 
 Each peer's own state changes only on its event loop, so "commit accepted" and "round closed" cannot
 interleave. An acknowledgement that does not arrive (the stream breaks) makes i send its commit again

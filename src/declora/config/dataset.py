@@ -28,7 +28,7 @@ class DataConfig:
         "auto",
         "Split that picks the best round (summary best_round, adapters/best); the held-out split is what is "
         "reported. auto = the data's dev split (a local dev/validation/val file) if it has one, else none "
-        "(best_round then picked on the held-out split); none; or a split name. See declora.validation.",
+        "(best_round then picked on the held-out split); none; or a split name. See declora.data.validation.",
     )
     max_validation_examples: int | None = _f(
         500, "Seeded subset of the validation split scored each round (its cost per round); null = all of it."

@@ -22,7 +22,7 @@ def _choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
-# train.lr_scheduler: names of transformers.get_scheduler (declora.schedule builds them)
+# train.lr_scheduler: names of transformers.get_scheduler (declora.client.lr_schedule builds them)
 _SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt")
 
 

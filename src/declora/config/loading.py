@@ -59,7 +59,7 @@ def load_config(
             merged = OmegaConf.merge(schema, base, *layers[1:])
             merged.out_dir = merged.resume  # and it continues in its own directory
         elif isinstance(path, (str, Path)) and merged.out_dir is not None:
-            from declora.protect import reloaded_out_dir  # RUN/config.yaml records RUN: start a new folder
+            from declora.rundir.protect import reloaded_out_dir  # RUN/config.yaml records RUN: start a new folder
 
             overridden = any("out_dir" in layer for layer in layers[2:])
             merged.out_dir = reloaded_out_dir(merged.out_dir, True, overridden, None)

@@ -13,7 +13,7 @@ class PrivacyConfig:
     mechanism: str = _f(
         "none",
         "none, or dp_sgd: every peer clips each example's gradient of its trainable tensors to max_grad_norm and "
-        "adds Gaussian noise (declora.privacy); epsilon per peer goes to metrics.jsonl and summary.json.",
+        "adds Gaussian noise (declora.client.dp_sgd); epsilon per peer goes to metrics.jsonl and summary.json.",
     )
     max_grad_norm: float = _f(1.0, "dp_sgd: per-example clipping bound C (L2 over all trained tensors jointly).")
     noise_multiplier: float | None = _f(

@@ -82,7 +82,7 @@ class TrainConfig:
     availability_file: str | None = _f(
         None,
         "YAML or CSV schedule of offline peers per round (entries {rounds: 5-8, offline: 0-4}; rounds '4-' "
-        "= from round 4 on, for good); see declora.availability.",
+        "= from round 4 on, for good); see declora.config.availability.",
     )
     stragglers: float = _f(
         0.0, "Probability in [0, 1] that an online peer straggles in a round: it takes only straggler_steps of K."
@@ -138,7 +138,7 @@ class TrainConfig:
         if not 0.0 < self.straggler_steps <= 1.0:
             raise ConfigError(f"train.straggler_steps={self.straggler_steps} must be in (0, 1]")
         if self.availability_file is not None:
-            from declora.availability import load_schedule
+            from declora.config.availability import load_schedule
 
             load_schedule(self.availability_file, self.clients)  # a bad schedule stops here, before any model
         _choice("train.lr_scheduler", self.lr_scheduler, _SCHEDULERS)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from declora.config import ConfigError, DataConfig
-from declora.data import TASKS, TaskData, TokenizedSplit, _labels, _subsample, read_splits, tokenize_in_chunks
+from declora.data.loading import TASKS, TaskData, TokenizedSplit, _labels, _subsample, read_splits, tokenize_in_chunks
 
 IGNORE = -100  # the label torch's cross-entropy (and transformers' LM loss) skips
 
@@ -97,7 +97,7 @@ def _read(
 def load_causal_task(
     cfg: DataConfig, tokenizer: Any, max_length: int, seed: int = 0, given: dict[str, Any] | None = None
 ) -> TaskData:
-    """Load both splits (or the in-memory ``given`` ones, see :func:`declora.data.read_splits`) and
+    """Load both splits (or the in-memory ``given`` ones, see :func:`declora.data.loading.read_splits`) and
     tokenize them as prompt + answer with answer-only labels.
 
     Labelled data (sst2, agnews, generic with ``data.label_column``) is scored by its verbalizers;

@@ -7,7 +7,7 @@ keeping the order random: shuffle the epoch, cut it into mega-batches of ``m`` b
 batches, and (here) shuffle the order of those batches, so long and short batches alternate instead of
 every 50 steps running from long to short.
 
-A :class:`declora.data.BatchStream` draws batches that may straddle two epochs; ``head`` lets an
+A :class:`declora.data.loading.BatchStream` draws batches that may straddle two epochs; ``head`` lets an
 epoch start with the few examples that complete the previous epoch's last batch, so the batches after
 it stay aligned with the sorted runs.
 """

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from declora import data_checks
 from declora.config import ConfigError, DataConfig
+from declora.data import checks as data_checks
+from declora.data.grouping import grouped_order
 from declora.errors import DataError
-from declora.length_grouping import grouped_order
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def _split_file(directory: Path, split: str) -> Path:
 
 def _load_local(directory: Path, split: str, label_column: str | None = None) -> Any:
     """One split file as a Dataset; empty, header-only or unparsable files and blank label rows are
-    DataErrors naming the file (and row), see :mod:`declora.data_checks`."""
+    DataErrors naming the file (and row), see :mod:`declora.data.checks`."""
     import datasets
 
     file = _split_file(directory, split)
@@ -321,7 +321,7 @@ class BatchStream:
     Each epoch is a fresh permutation drawn from ``(seed, stream_id, epoch)``, so a stream's batches do
     not depend on what other clients did, and ``state()``/``load_state()`` make resume exact. Given
     ``lengths`` (``data.group_by_length``), each epoch is length-grouped
-    (:func:`declora.length_grouping.grouped_order`) from the same seed.
+    (:func:`declora.data.grouping.grouped_order`) from the same seed.
 
     Example:
         >>> s = BatchStream(np.arange(5), batch_size=2, seed=0, stream_id=3)

@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 from declora.config import Config, ConfigError
-from declora.data import TASKS, TaskData, _load_hub, _load_local, find_data_dir
+from declora.data.loading import TASKS, TaskData, _load_hub, _load_local, find_data_dir
 
 DEV_STEMS = ("dev", "validation", "val")  # file stems auto-detected as a validation split
 _EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json", ".parquet")
@@ -106,8 +106,8 @@ def load_split(
     Args:
         max_examples: a seeded subset (the run's ``max_eval_examples`` draw: seed ``train.seed + 1``).
     """
-    from declora.causal_data import load_causal_task
-    from declora.data import load_task
+    from declora.data.causal import load_causal_task
+    from declora.data.loading import load_task
 
     data_cfg = replace(cfg.data, max_train_examples=None, max_eval_examples=max_examples)
     load = load_causal_task if cfg.model.task_type == "causal_lm" else load_task

@@ -3,7 +3,7 @@
 A labelled example is classified by the summed log-likelihood of each label's verbalizer tokens given the
 prompt (no generation needed); instruction data reports the answer-token loss (perplexity =
 ``exp(eval_loss)``) and the teacher-forced exact match of the whole answer. The prompts and labels come
-from :mod:`declora.causal_data`.
+from :mod:`declora.data.causal`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from declora.causal_data import IGNORE, template_fields, template_of
 from declora.config import ConfigError
-from declora.data import TaskData
-from declora.models import State, forward_with
+from declora.data.causal import IGNORE, template_fields, template_of
+from declora.data.loading import TaskData
+from declora.model.loading import State, forward_with
 
 
 @torch.no_grad()
@@ -130,7 +130,7 @@ def generate_from_run(
     from peft import PeftModel
 
     from declora.config import load_config
-    from declora.models import load_base, load_tokenizer, select_device
+    from declora.model.loading import load_base, load_tokenizer, select_device
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

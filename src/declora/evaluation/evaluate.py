@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from declora.causal_eval import score_answer_tokens, score_verbalizers
-from declora.data import TaskData, collate
-from declora.models import State, forward_with
+from declora.data.loading import TaskData, collate
+from declora.evaluation.causal import score_answer_tokens, score_verbalizers
+from declora.model.loading import State, forward_with
 
 # (model, state, data, held-out indices, device) -> (predictions, correct, loss summed, loss weight)
 Scorer = Callable[[nn.Module, State, TaskData, np.ndarray, torch.device], tuple[np.ndarray, np.ndarray, float, float]]

@@ -233,7 +233,7 @@ def plot_compare(runs: list[RunRecord], path: str | Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from declora.plots import integer_rounds
+    from declora.rundir.plots import integer_rounds
 
     fig = Figure(figsize=(11, 4.6 + 0.25 * ((len(runs) + 2) // 3)))
     FigureCanvasAgg(fig)

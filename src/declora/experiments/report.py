@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from declora.compare import RunRecord, _fmt
+from declora.experiments.compare import RunRecord, _fmt
 
 TITLES = {
     "best_accuracy": "best acc %",
@@ -63,7 +63,7 @@ def fmt(key: str, v: Any) -> str:
         return f"{v:.3g}"
     if key in ("spectral_gap", "mixing_rms"):
         return f"{v:.4f}"
-    if key in ("epsilon", "noise_multiplier"):  # privacy.mechanism=dp_sgd runs (declora.privacy)
+    if key in ("epsilon", "noise_multiplier"):  # privacy.mechanism=dp_sgd runs (declora.client.dp_sgd)
         return f"{v:.3g}"
     if key.endswith("loss"):
         return f"{v:.3f}"

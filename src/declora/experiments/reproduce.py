@@ -29,7 +29,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from declora.config import ConfigError
-from declora.protect import holds_run
+from declora.rundir.protect import holds_run
 
 SCALES = ("cpu", "paper")
 CHECKS = ("within", "at_least", "order")
@@ -219,8 +219,8 @@ def run_experiment(
 
 def write_report(exp: Experiment, scale: str, out: Path) -> Path:
     """``results.md`` (table, claim checks, commands), ``results.csv`` and ``compare.png`` from finished runs."""
-    from declora.compare import load_run, plot_compare, write_csv
-    from declora.reproduce_report import check_lines, table
+    from declora.experiments.compare import load_run, plot_compare, write_csv
+    from declora.experiments.report import check_lines, table
 
     root = out / exp.name
     done = [(r, root / r.slug) for r in exp.runs if (root / r.slug / "DONE").is_file()]

@@ -44,8 +44,8 @@ def peer_config(config: str | None, overrides: list[str]) -> Config:
 
 def run_peer(config: str | None, overrides: list[str]) -> dict[str, Any]:
     """Run one swarm peer to the end; returns its summary."""
-    from declora.cli import quiet_libraries
-    from declora.trainer import run
+    from declora.cli.main import quiet_libraries
+    from declora.train.trainer import run
 
     cfg = peer_config(config, overrides)
     quiet_libraries()
@@ -102,7 +102,7 @@ def launch_swarm(
     import transformers  # noqa: F401
 
     import declora.comm.swarm  # noqa: F401
-    import declora.trainer  # noqa: F401
+    import declora.train.trainer  # noqa: F401
     from declora.comm.swarm_net import peer_id_of
 
     if clients < 1:
@@ -184,8 +184,8 @@ def assemble(base: str | Path, exit_codes: dict[int, int] | None = None, evaluat
     """
     import torch
 
-    from declora.mixing import average_states
-    from declora.rundir import atomic_write_text
+    from declora.mixing.kernel import average_states
+    from declora.rundir.layout import atomic_write_text
 
     base = Path(base)
     rounds: dict[int, dict[int, list[int]]] = {}
@@ -232,8 +232,8 @@ def assemble(base: str | Path, exit_codes: dict[int, int] | None = None, evaluat
 
 def _evaluate_average(base: Path, mean: dict) -> dict[str, Any]:
     """The averaged model's accuracy on the held-out set (the first peer's config), and its adapter."""
-    from declora.evaluate import evaluate, length_sorted
-    from declora.trainer import save_adapter, setup
+    from declora.evaluation.evaluate import evaluate, length_sorted
+    from declora.train.trainer import save_adapter, setup
 
     config = next(iter(sorted(base.glob("peer_*/config.yaml"))))
     cfg = load_config(config, ["resume=null", "runtime=simulation"])

@@ -3,7 +3,7 @@
 
 The trainer asks :meth:`Churn.from_config` once; with every option at its default it gets None and
 the round loop is today's, bit for bit. Otherwise, each round it draws the :class:`LiveRound`
-(:func:`declora.live_graph.draw_live_round`, a pure function of the run seed and the round, so the
+(:func:`declora.mixing.live.draw_live_round`, a pure function of the run seed and the round, so the
 simulation, every torch.distributed rank and a resumed run draw the same graphs), lets the online
 peers take ``live.steps[i]`` local steps, and hands the algorithm ``W_t`` in place of W. The
 communicators exchange along ``W_t``'s support only, so a failed link carries nothing and an offline
@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from declora.availability import Schedule, load_schedule
 from declora.config import Config
-from declora.live_graph import LiveRound, draw_live_round, dynamic_mixing_matrix
-from declora.topology import spectral_gap
+from declora.config.availability import Schedule, load_schedule
+from declora.mixing.live import LiveRound, draw_live_round, dynamic_mixing_matrix
+from declora.mixing.topology import spectral_gap
 
 
 def churn_active(cfg: Config) -> bool:

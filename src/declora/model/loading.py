@@ -144,8 +144,8 @@ def build_model(
     head (the LM head scores the answer tokens); peft ``TaskType.CAUSAL_LM``, LoRA on peft's default
     targets for the architecture (LLaMA: ``q_proj``, ``v_proj``).
     """
-    from declora.peft_methods import wrap_model
-    from declora.quantized_base import bnb_config, keep_4bit_layers_trainable, quiet_bitsandbytes
+    from declora.model.peft_methods import wrap_model
+    from declora.model.quantized import bnb_config, keep_4bit_layers_trainable, quiet_bitsandbytes
 
     path = model_cfg.name_or_path  # a given base: where it came from (peft's tokenizer path, TEXT init)
     if base is None:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from declora.config import Config, ModelConfig
-from declora.rundir import atomic_write_text
+from declora.rundir.layout import atomic_write_text
 
 METADATA = "declora.json"
 # Embedded aliases whose files are exactly a hub repository's.
@@ -47,7 +47,7 @@ def portable_base_name(model: ModelConfig) -> str:
 
 def base_model_info(model: ModelConfig) -> dict[str, Any]:
     """The base model: portable name, declora's name, the PyPI package (and version) of an embedded one."""
-    from declora.models import EMBEDDED_MODELS, gguf_file_of, resolve_model_path
+    from declora.model.loading import EMBEDDED_MODELS, gguf_file_of, resolve_model_path
 
     info: dict[str, Any] = {"base_model": portable_base_name(model), "declora_name_or_path": model.name_or_path}
     if model.name_or_path in EMBEDDED_MODELS:

@@ -8,7 +8,7 @@
 <out_dir>/adapters/average/  the averaged adapter (peft save_pretrained)
 <out_dir>/adapters/client_<i>/
 <out_dir>/plots/*.png
-<out_dir>/checkpoints/round_<t>/   rank_<r>.pt + COMPLETE.json (see declora.checkpoint)
+<out_dir>/checkpoints/round_<t>/   rank_<r>.pt + COMPLETE.json (see declora.train.checkpoint)
 <out_dir>/ranks/rank_<r>/        runtime=distributed: each rank's own metrics.jsonl and summary.json
 ```
 """
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from declora.config import Config, to_yaml
-from declora.fileio import dumps as strict_json
-from declora.fileio import file_mode
-from declora.protect import new_folder
+from declora.rundir.files import dumps as strict_json
+from declora.rundir.files import file_mode
+from declora.rundir.protect import new_folder
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -77,7 +77,7 @@ class RunDir:
 
     def write_config(self, cfg: Config) -> None:
         atomic_write_text(self.path / "config.yaml", to_yaml(cfg))
-        from declora.provenance import run_environment
+        from declora.rundir.provenance import run_environment
 
         env = environment() | run_environment(cfg.model.name_or_path) | {"seed": cfg.train.seed}
         atomic_write_text(self.path / "environment.json", json.dumps(env, indent=2) + "\n")

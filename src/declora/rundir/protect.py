@@ -17,7 +17,7 @@ from pathlib import Path
 
 from declora.errors import ConfigError
 
-# What a run writes (see declora.rundir); any of them means the folder holds a run.
+# What a run writes (see declora.rundir.layout); any of them means the folder holds a run.
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "DONE", "checkpoints")
 RUN_FILES = ("config.yaml", "environment.json", "metrics.jsonl", "summary.json", "DONE")
 RUN_FOLDERS = ("adapters", "plots", "checkpoints", "ranks")

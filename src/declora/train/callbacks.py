@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from declora.api import RunResult
-    from declora.client import Client
+    from declora.client.client import Client
     from declora.comm import Communicator
     from declora.config import Config
-    from declora.models import State
+    from declora.model.loading import State
 
 
 class Callback:
@@ -89,7 +89,7 @@ class CallbackList:
     """
 
     def __init__(self, callbacks: Iterable[Any] | None, cfg: Config, rank: int = 0) -> None:
-        from declora.trackers import build_trackers
+        from declora.train.trackers import build_trackers
 
         self.callbacks = [_FunctionCallback(c) if inspect.isroutine(c) else c for c in callbacks or []]
         names = [n for n in cfg.report_to if n != "none"]

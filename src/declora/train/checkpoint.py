@@ -6,7 +6,7 @@
 <run>/checkpoints/round_<t>/COMPLETE.json    written by rank 0 once every process has saved round t
 ```
 
-Each file is written with :func:`~declora.rundir.atomic_write_bytes` (temporary file, fsync, rename),
+Each file is written with :func:`~declora.rundir.layout.atomic_write_bytes` (temporary file, fsync, rename),
 so a crash during a save leaves at most a stray ``.tmp`` file, never a truncated ``rank_<r>.pt``. A
 round without its marker is never loaded: resume continues from the newest round that has one. After
 a marker is written the older rounds are deleted, so a run keeps its ``checkpoint_keep`` newest
@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from declora import integrity
 from declora.algorithms import Algorithm
-from declora.client import Client
+from declora.client.client import Client
 from declora.comm import Communicator
 from declora.config import Config, ConfigError
 from declora.errors import CheckpointError
-from declora.rundir import atomic_write_bytes, atomic_write_text
+from declora.rundir import integrity
+from declora.rundir.layout import atomic_write_bytes, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE.json"
@@ -172,7 +172,7 @@ def restore(
     """Load the newest intact checkpoint into ``clients`` and ``algorithm``; ``Progress()`` if none.
 
     A newer round that is damaged or incomplete is named in one line and skipped (see
-    :mod:`declora.integrity`); with checkpoints but none intact the run stops unless ``from_scratch``.
+    :mod:`declora.rundir.integrity`); with checkpoints but none intact the run stops unless ``from_scratch``.
 
     Raises:
         ConfigError: the run already reached ``rounds``.

@@ -24,13 +24,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from declora.callbacks import Callback
 from declora.errors import ConfigError
+from declora.train.callbacks import Callback
 
 if TYPE_CHECKING:
     from declora.api import RunResult
     from declora.config import Config
-    from declora.models import State
+    from declora.model.loading import State
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 

@@ -9,7 +9,7 @@ for t in 1..T:
 finish: adapters (PEFT format), summary.json, plots
 
 With churn options (``topology.link_drop``, ``train.peer_dropout``, ...) each round first draws its live
-graph (:mod:`declora.churn`): offline peers skip 1 and 2, stragglers take fewer steps, and 2 mixes with
+graph (:mod:`declora.mixing.churn`): offline peers skip 1 and 2, stragglers take fewer steps, and 2 mixes with
 W_t, the mixing matrix of the live graph; without them every round is exactly the loop above.
 
 runtime=simulation runs every client in this process; runtime=distributed runs this same loop in one
@@ -27,26 +27,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from declora import checkpoint, protect
 from declora.algorithms import Algorithm, build_algorithm
 from declora.api import Inputs
-from declora.artifacts import describe_adapters, save_best
-from declora.callbacks import CallbackList
-from declora.causal_data import load_causal_task
-from declora.checkpoint import Progress
-from declora.churn import Churn
-from declora.client import Client
+from declora.client.client import Client
+from declora.client.dp_sgd import attach as attach_privacy
+from declora.client.dp_sgd import metrics as privacy_metrics
+from declora.client.dp_sgd import summary as privacy_summary
+from declora.client.guards import Guard
+from declora.client.precision import check_mixed_precision
 from declora.comm import Communicator, build_communicator
 from declora.config import Config, ConfigError
-from declora.data import BatchStream, TaskData, load_task
-from declora.data_checks import check_proportions
-from declora.evaluate import evaluate, length_sorted
+from declora.data.causal import load_causal_task
+from declora.data.checks import check_proportions
+from declora.data.grouping import token_lengths
+from declora.data.loading import BatchStream, TaskData, load_task
+from declora.data.validation import improves, load_validation, select_best
+from declora.evaluation.evaluate import evaluate, length_sorted
 from declora.fault_injection import maybe_fail
-from declora.fileio import share_files
-from declora.guards import Guard
-from declora.length_grouping import token_lengths
-from declora.mixing import squared_distance, state_bytes
-from declora.models import (
+from declora.mixing.churn import Churn
+from declora.mixing.kernel import squared_distance, state_bytes
+from declora.mixing.topology import Topology
+from declora.model.loading import (
     build_model,
     gguf_file_of,
     load_state,
@@ -56,16 +57,16 @@ from declora.models import (
     select_device,
     trainable_state,
 )
+from declora.model.peft_methods import save_trainable
+from declora.model.quantized import base_model_bytes, check_quantization, hide_bnb_cpu_notice
 from declora.partition import partition_counts, partitioner_from_config
-from declora.peft_methods import save_trainable
-from declora.precision import check_mixed_precision
-from declora.privacy import attach as attach_privacy
-from declora.privacy import metrics as privacy_metrics
-from declora.privacy import summary as privacy_summary
-from declora.quantized_base import base_model_bytes, check_quantization, hide_bnb_cpu_notice
-from declora.rundir import RunDir, atomic_write_text
-from declora.topology import Topology
-from declora.validation import improves, load_validation, select_best
+from declora.rundir import protect
+from declora.rundir.adapters import describe_adapters, save_best
+from declora.rundir.files import share_files
+from declora.rundir.layout import RunDir, atomic_write_text
+from declora.train import checkpoint
+from declora.train.callbacks import CallbackList
+from declora.train.checkpoint import Progress
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Setup:
     model: nn.Module
     init: dict[str, torch.Tensor]  # the shared initial trainable state
     device: torch.device
-    validation: TaskData | None = None  # data.validation_split: picks best_round (declora.validation)
+    validation: TaskData | None = None  # data.validation_split: picks best_round (declora.data.validation)
     tokenizer: Any = None  # saved beside adapters/average and adapters/best
 
 
@@ -161,7 +162,7 @@ def run(
         comm: the transport; None = from ``cfg.runtime`` (under torch.distributed: join the process
             group of ``RANK``/``WORLD_SIZE``, this process being client ``RANK``).
         inputs: in-memory datasets / model / tokenizer (see :func:`declora.train`).
-        callbacks: :class:`declora.callbacks.Callback` objects; ``report_to`` trackers are added.
+        callbacks: :class:`declora.train.callbacks.Callback` objects; ``report_to`` trackers are added.
     """
     checkpoint.check_resumable(cfg)
     protect.check_out_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # before any model
@@ -271,7 +272,7 @@ def run(
                 acc=f"{row['accuracy']:.3f}",
                 cons=f"{row['consensus_error']:.2e}",
             )
-        # Callbacks and trackers (declora.callbacks): one may stop the run after this round.
+        # Callbacks and trackers (declora.train.callbacks): one may stop the run after this round.
         evaluated = history[-1] if history and history[-1]["round"] == round_ else None
         stop = hooks.round_end(round_, evaluated, clients, losses, local if evaluated else {}, comm)
         # 4. Checkpoint: each process saves its clients atomically; rank 0 then marks the round complete.
@@ -422,11 +423,11 @@ def finish(
     if comm.rank != 0:
         return summary
     rd.write_summary(summary)
-    if cfg.save_adapters:  # portable base name, labels, model card (declora.artifacts)
+    if cfg.save_adapters:  # portable base name, labels, model card (declora.rundir.adapters)
         describe_adapters(rd.path, cfg, summary, history, s.tokenizer)
     if cfg.plots:
         from declora.partition import plot_partition
-        from declora.plots import plot_churn, plot_run, run_title
+        from declora.rundir.plots import plot_churn, plot_run, run_title
 
         title = run_title(cfg, summary)
         plot_run(history, rd.path / "plots", title)
