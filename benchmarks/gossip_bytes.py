@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from declora.cli.main import quiet_libraries
+from declora.cli.app import quiet_libraries
 from declora.config import load_config
 from declora.mixing.compress import Quantizer
 from declora.mixing.topology import Topology

@@ -3,7 +3,7 @@
 Throughput, in this one process, interleaved (A B C D E, A B C D E, ...) so that machine load hits
 every configuration alike, each on the same number of samples:
 
-* ``dec_lora``: ``declora.train.trainer.run`` with N clients on a ring (its ``train_s``: local steps + gossip);
+* ``dec_lora``: ``declora.training.trainer.run`` with N clients on a ring (its ``train_s``: local steps + gossip);
 * ``centralized``: the same samples through one pooled model (``train.algorithm=centralized``);
 * ``peft_loop``: a plain transformers + peft loop (one PeftModel, AdamW) on the very batches that
   ``dec_lora`` drew in the same repeat (recorded while it ran): identical padded tokens;
@@ -47,7 +47,7 @@ from declora.client.precision import cpu_has_native_bf16
 from declora.config import load_config
 from declora.data.loading import collate, load_task
 from declora.model.loading import build_model, forward_with, load_tokenizer, select_device, trainable_state
-from declora.train.trainer import run as declora_run
+from declora.training.trainer import run as declora_run
 
 RECORD: list[tuple[np.ndarray, int, int]] = []  # (indices, padded tokens, real tokens) of every training batch
 

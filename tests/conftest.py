@@ -136,3 +136,53 @@ def tiny_overrides(tiny_bert: Path, sst2_small: Path, tmp_path: Path) -> list[st
         "checkpoint_cleanup=false",  # keep the finished run's checkpoint: resume tests extend finished runs
         f"out_dir={tmp_path / 'run'}",
     ]
+
+
+# --- an AG News run on the tiny encoder: shared by the adapter and inference tests ---
+TEXTS = ["Stocks fell as oil prices rose.", "The team won the final in extra time.", "A new chip doubles speed."]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 BERT encoder without a head (like MiniLM's files): any num_labels loads."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-encoder"), head=False)
+
+
+@pytest.fixture(scope="module")
+def agnews_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 train, 80 test rows of the real AG News files, and a dev split of 40 other train rows."""
+    require_shared_data("agnews")
+    out = tmp_path_factory.mktemp("agnews")
+    _head(SHARED_DATA / "agnews" / "train.tsv", out / "train.tsv", 240)
+    lines = (out / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / "train.tsv").write_text("".join(lines[:201]), encoding="utf-8")
+    (out / "dev.tsv").write_text(lines[0] + "".join(lines[201:]), encoding="utf-8")
+    _head(SHARED_DATA / "agnews" / "test.tsv", out / "test.tsv", 80)
+    return out
+
+
+def agnews_overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.name_or_path={model}",
+        "data.task=agnews",
+        f"data.path={data}",
+        "train.clients=2",
+        "train.rounds=3",
+        "train.local_steps=2",
+        "train.batch_size=8",
+        "train.lr=0.01",
+        "peft.r=4",
+        "progress=false",
+        "plots=false",
+        f"out_dir={out}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def ag_run(tiny_encoder: Path, agnews_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("ag") / "run"
+    from declora.config import load_config
+    from declora.training.trainer import run
+
+    return run(load_config(overrides=agnews_overrides(tiny_encoder, agnews_small, out)))

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import declora
-from declora.cli.main import main
+from declora.cli.app import main
 from declora.config import Config, TrainConfig, load_config
 from declora.errors import ConfigError
 from declora.rundir.layout import read_metrics

@@ -12,7 +12,7 @@ from conftest import SHARED_DATA, require_shared_data
 
 from declora.config import load_config
 from declora.rundir.layout import read_metrics
-from declora.train.trainer import run
+from declora.training.trainer import run
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ import pytest
 
 from declora.config import load_config
 from declora.rundir.layout import read_metrics
-from declora.train.trainer import run
+from declora.training.trainer import run
 
 KEYS = ("round", "train_loss", "accuracy", "eval_loss", "consensus_error", "bytes_sent")
 VARIANTS = {

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the fixtures imported from test_artifacts are pytest arguments here)
 """``declora eval / predict / export``: eval reproduces the run's numbers, a merged export predicts as the
 adapter does with plain transformers, predictions carry the run's label names."""
 
@@ -9,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, _head
-from test_artifacts import TEXTS, ag_run, agnews_small, one_thread, tiny_encoder  # noqa: F401 (fixtures)
+from conftest import SHARED_DATA, TEXTS, _head
 
-from declora.cli.main import main
+from declora.cli.app import main
 from declora.config import ConfigError
 from declora.inference import evaluate_run, export, load_run, predict
 from declora.rundir.layout import read_metrics
 
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_eval_reproduces_the_reported_accuracy_and_loss(ag_run: dict, capsys: pytest.CaptureFixture[str]) -> None:

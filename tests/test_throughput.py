@@ -13,7 +13,7 @@ from declora.config import ConfigError, DataConfig, load_config
 from declora.data.grouping import grouped_order, mega_batch_batches, token_lengths
 from declora.data.loading import BatchStream, load_task, tokenize_in_chunks
 from declora.rundir.layout import read_metrics
-from declora.train.trainer import run
+from declora.training.trainer import run
 
 
 def _lengths(n: int, seed: int = 0) -> np.ndarray:
@@ -128,8 +128,8 @@ def test_refusal_comes_before_the_model_loads(tiny_overrides: list[str], monkeyp
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the mixed-precision check")
 
-    monkeypatch.setattr("declora.train.trainer.build_model", no_model)
-    monkeypatch.setattr("declora.train.trainer.load_tokenizer", no_model)
+    monkeypatch.setattr("declora.training.trainer.build_model", no_model)
+    monkeypatch.setattr("declora.training.trainer.load_tokenizer", no_model)
     with pytest.raises(ConfigError, match="fp16"):
         run(load_config(overrides=[*tiny_overrides, "train.mixed_precision=fp16", "model.device=cpu"]))
 

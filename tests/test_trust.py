@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import torch
 
-from declora.cli.main import main
+from declora.cli.app import main
 from declora.client.guards import Guard
 from declora.config import Config, ConfigError, load_config
 from declora.errors import DataError, DecloraError, DivergenceError, PeerError
 from declora.rundir.layout import RunDir, read_metrics
-from declora.train import checkpoint
+from declora.training import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,19 +46,19 @@ def _one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int) -
 
 
 def _run(overrides: list[str], *extra: str) -> dict:
-    from declora.train.trainer import run
+    from declora.training.trainer import run
 
     return run(load_config(overrides=[*overrides, *extra]))
 
 
 def _no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading the model fails the test: the error must come before it."""
-    import declora.train.trainer
+    import declora.training.trainer
 
     def boom(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the model was loaded before the error")
 
-    monkeypatch.setattr(declora.train.trainer, "build_model", boom)
+    monkeypatch.setattr(declora.training.trainer, "build_model", boom)
 
 
 # --- 2. every option validated up front --------------------------------------------------------------
@@ -110,14 +110,14 @@ def test_the_walk_finds_the_options_of_every_section() -> None:
 def test_every_numeric_option_rejects_nan_inf_and_out_of_range_in_one_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import declora.cli.main
+    import declora.cli.app
 
     def accepted(cfg: Any, **kwargs: Any) -> None:
         raise AssertionError("a bad value reached the trainer")
 
     # a bad value that passes validation fails fast here instead of loading a model
-    monkeypatch.setitem(sys.modules, "declora.train.trainer", types.SimpleNamespace(run=accepted))
-    monkeypatch.setattr(declora.cli.main, "quiet_libraries", lambda: None)
+    monkeypatch.setitem(sys.modules, "declora.training.trainer", types.SimpleNamespace(run=accepted))
+    monkeypatch.setattr(declora.cli.app, "quiet_libraries", lambda: None)
     main(["train", "train.lr=nan"])  # warm the imports
     capsys.readouterr()
     checked = []
@@ -246,7 +246,7 @@ def test_nan_in_a_later_round_keeps_the_last_good_checkpoint_and_resume_continue
 def test_non_finite_state_and_eval_loss_are_caught(
     stage: str, tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import declora.train.trainer
+    import declora.training.trainer
     from declora.client.client import Client
 
     if stage == "after local steps":
@@ -261,9 +261,9 @@ def test_non_finite_state_and_eval_loss_are_caught(
         monkeypatch.setattr(Client, "local_steps", steps)
         where = "round 1, client 3"
     else:
-        real_eval = declora.train.trainer.evaluate_round
+        real_eval = declora.training.trainer.evaluate_round
         monkeypatch.setattr(
-            declora.train.trainer, "evaluate_round", lambda *a, **k: real_eval(*a, **k) | {"eval_loss": float("inf")}
+            declora.training.trainer, "evaluate_round", lambda *a, **k: real_eval(*a, **k) | {"eval_loss": float("inf")}
         )
         where = "round 1, client average"
     with pytest.raises(DivergenceError, match=f"{where}, stage '{stage}'"):
@@ -384,7 +384,7 @@ def test_reloading_a_runs_config_starts_a_new_folder(
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     cfg = load_config(out / "config.yaml")
     assert cfg.out_dir is None  # RUN/config.yaml records out_dir=RUN, which holds a run
-    from declora.train.trainer import run
+    from declora.training.trainer import run
 
     again = run(cfg)
     assert Path(again["run_dir"]).resolve() != out.resolve() and (Path(again["run_dir"]) / "DONE").is_file()
@@ -457,7 +457,7 @@ def test_metrics_and_summary_are_strict_json(tmp_path: Path) -> None:
 def test_the_kernel_notice_is_hidden_before_the_model_is_built(
     tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import declora.train.trainer
+    import declora.training.trainer
 
     calls: list[Any] = []
 
@@ -465,10 +465,10 @@ def test_the_kernel_notice_is_hidden_before_the_model_is_built(
         calls.append("build_model")
         raise KeyboardInterrupt  # stop setup here
 
-    monkeypatch.setattr(declora.train.trainer, "hide_bnb_cpu_notice", lambda quantized: calls.append(quantized))
-    monkeypatch.setattr(declora.train.trainer, "build_model", built)
+    monkeypatch.setattr(declora.training.trainer, "hide_bnb_cpu_notice", lambda quantized: calls.append(quantized))
+    monkeypatch.setattr(declora.training.trainer, "build_model", built)
     with pytest.raises(KeyboardInterrupt):
-        declora.train.trainer.setup(load_config(overrides=tiny_overrides))
+        declora.training.trainer.setup(load_config(overrides=tiny_overrides))
     assert calls == [False, "build_model"]  # not quantized: hidden, before peft imports bitsandbytes
 
 

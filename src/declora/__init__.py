@@ -23,7 +23,7 @@ _LAZY: dict[str, str] = {
     "train": "declora.api",
     "resolve_config": "declora.api",
     "RunResult": "declora.api",
-    "Callback": "declora.train.callbacks",
+    "Callback": "declora.training.callbacks",
     "read_metrics": "declora.rundir.layout",
     # configuration
     "load_config": "declora.config",

@@ -2,6 +2,6 @@
 
 import sys
 
-from declora.cli.main import main
+from declora.cli.app import main
 
 sys.exit(main())

@@ -273,8 +273,8 @@ def train(
         ConfigError: a bad option, split, column or object, before any training.
     """
     from declora.config import DataConfig, ModelConfig
-    from declora.train.trackers import check_trackers
-    from declora.train.trainer import run
+    from declora.training.trackers import check_trackers
+    from declora.training.trainer import run
 
     if _is_section(data, DataConfig):  # data={"task": ...}: the config section, not a dataset
         data, overrides = None, {"data": data} | overrides

@@ -17,7 +17,7 @@ from declora.mixing.kernel import average_states, mix_states
 from declora.mixing.topology import Topology
 from declora.model.loading import build_model, trainable_state
 from declora.rundir.layout import read_metrics
-from declora.train.trainer import run
+from declora.training.trainer import run
 
 LORA_A, LORA_B = "m.lora_A.default.weight", "m.lora_B.default.weight"
 

@@ -16,7 +16,7 @@ from declora.client.dp_batches import PoissonStream, ShuffleStream
 from declora.client.dp_sgd import PeerPrivacy, calibrate, clip_and_sum, per_example_grads
 from declora.config import ConfigError, PrivacyConfig, load_config
 from declora.rundir.layout import read_metrics
-from declora.train.trainer import make_clients, run, setup
+from declora.training.trainer import make_clients, run, setup
 
 DP = ["privacy.mechanism=dp_sgd"]
 
@@ -308,7 +308,7 @@ def test_per_example_grads_of_a_causal_lm_equal_single_example_backward_passes(
 @pytest.mark.distributed
 def test_four_process_dp_run_equals_the_simulation(tiny_overrides: list[str], tmp_path: Path) -> None:
     """One process per peer: the same noise (seeded per peer and step), batches, epsilons and rows."""
-    from test_distributed import assert_rows_close, launch_ranks, simulate
+    from ranks import assert_rows_close, launch_ranks, simulate
 
     args = [a for a in tiny_overrides if not a.startswith("out_dir=")]
     args += [*DP, "privacy.noise_multiplier=1.0", "save_adapters=false"]

@@ -23,8 +23,8 @@ import peft  # noqa: F401 - imported before forking, so children start warm
 import transformers  # noqa: F401
 
 import declora.comm.distributed  # noqa: F401
-import declora.train.trainer  # noqa: F401
-from declora.cli import main as cli
+import declora.training.trainer  # noqa: F401
+from declora.cli import app as cli
 
 
 def child(rank: int, world: int, logdir: str, args: list[str]) -> int:

@@ -194,7 +194,7 @@ def _max_diff(a: Path, b: Path) -> float:
 
 
 def test_four_peers_without_failure_equal_the_simulation(tiny_overrides: list[str], tmp_path: Path) -> None:
-    from declora.train.trainer import run
+    from declora.training.trainer import run
 
     overrides = [o for o in tiny_overrides if not o.startswith(("out_dir=", "train.clients="))]
     sim = run(load_config(overrides=[*overrides, "train.clients=4", f"out_dir={tmp_path / 'sim'}"]))
@@ -297,8 +297,8 @@ def test_a_killed_peer_restarted_with_its_identity_resumes_from_its_checkpoint(
     out = tmp_path / "s"
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DECLORA_ROUND_DELAY": "2"}
     warm = (  # imports done while the swarm starts: the restart then takes seconds, not a minute
-        "import sys, torch, transformers, peft, hivemind, declora.train.trainer, declora.comm.swarm\n"
-        "sys.stdin.readline()\nfrom declora.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
+        "import sys, torch, transformers, peft, hivemind, declora.training.trainer, declora.comm.swarm\n"
+        "sys.stdin.readline()\nfrom declora.cli.app import main\nsys.exit(main(sys.argv[1:]))\n"
     )
     cmd = [sys.executable, "-c", warm, "peer", f"resume={out / 'peer_2'}"]
     restart_log = tmp_path / "restart.log"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from declora.cli.main import main
+from declora.cli.app import main
 from declora.config import ConfigError, load_config
 
 

@@ -158,11 +158,11 @@ def test_model_loss_is_the_answer_token_nll(tiny_llama: Path, llama_tokenizer, s
 def test_gossip_round_trip_on_a_causal_lm(tiny_llama: Path, sst2_small: Path, tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from declora.cli.main import main
+    from declora.cli.app import main
     from declora.evaluation.evaluate import evaluate, length_sorted
     from declora.model.loading import load_base
     from declora.rundir.layout import read_metrics
-    from declora.train.trainer import run, setup
+    from declora.training.trainer import run, setup
 
     overrides = [
         f"model.name_or_path={tiny_llama}",
@@ -221,7 +221,7 @@ def test_gossip_round_trip_on_a_causal_lm(tiny_llama: Path, sst2_small: Path, tm
 def test_smollm2_answer_loss_falls(sst2_small: Path, tmp_path: Path) -> None:
     """The real SmolLM2-135M (GGUF, dequantized): a few LoRA steps lower the held-out answer loss."""
     from declora.evaluation.evaluate import evaluate, length_sorted
-    from declora.train.trainer import make_clients, setup
+    from declora.training.trainer import make_clients, setup
 
     cfg = load_config(
         overrides=[

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from declora.cli.main import main
+from declora.cli.app import main
 from declora.config import ConfigError, load_config
 from declora.experiments.compare import COLUMNS, cumulative_bytes, load_run, markdown_table
-from declora.train.trainer import run
+from declora.training.trainer import run
 
 
 def _fake_run(root: Path, name: str, algorithm: str, accs: list[float], sent: int, **summary_extra) -> Path:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from declora.cli.main import main
+from declora.cli.app import main
 from declora.config import ConfigError
 from declora.experiments.report import check_lines, spearman
 from declora.experiments.reproduce import (

@@ -14,7 +14,7 @@ from declora.config import load_config
 from declora.mixing.churn import Churn
 from declora.mixing.topology import Topology
 from declora.rundir.layout import read_metrics
-from declora.train.trainer import run
+from declora.training.trainer import run
 
 
 def _run(overrides: list[str], *extra: str) -> dict:
@@ -91,7 +91,7 @@ def test_resume_in_the_middle_of_churn_ends_as_the_uninterrupted_run(tiny_overri
 
 
 def test_churn_under_torch_distributed_equals_the_simulation(tiny_overrides: list[str], tmp_path: Path) -> None:
-    from test_distributed import assert_rows_close, launch_ranks, simulate
+    from ranks import assert_rows_close, launch_ranks, simulate
 
     base = [o for o in tiny_overrides if not o.startswith("out_dir=")]
     churn = ["topology.link_drop=0.4", "train.peer_dropout=0.3", "train.stragglers=0.5", "train.rounds=3"]

@@ -12,7 +12,7 @@ import torch
 from declora.comm import InProcessCommunicator
 from declora.config import ConfigError, load_config
 from declora.model.loading import build_model, forward_with, load_tokenizer, trainable_state
-from declora.train.trainer import run
+from declora.training.trainer import run
 
 # What each method may train besides the head (pooler + classifier of the tiny BERT).
 ADAPTER_NAMES = {

@@ -115,7 +115,7 @@ def test_base_model_bytes_count_packed_weights_and_their_constants(tiny_bert: Pa
 def test_comm_bits_4_sends_an_eighth_of_the_fp32_bytes_plus_scales(tiny_overrides: list[str], tmp_path: Path) -> None:
     from declora.mixing.compress import Quantizer
     from declora.model.loading import build_model, trainable_state
-    from declora.train.trainer import run
+    from declora.training.trainer import run
 
     def train(*extra: str) -> dict:
         return run(load_config(overrides=[*tiny_overrides, *extra]))

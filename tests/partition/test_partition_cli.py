@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from declora.cli.main import main
+from declora.cli.app import main
 from declora.config import load_config
 from declora.data.loading import load_task, load_train_labels
 from declora.model.loading import load_tokenizer
 from declora.partition import build_partitioner, partition_counts
-from declora.train.trainer import run
+from declora.training.trainer import run
 
 SKEW = "[[0.15,0.85],[0.85,0.15],[0.5,0.5]]"
 

@@ -12,67 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, _head, make_tiny_bert, require_shared_data
+from conftest import TEXTS, agnews_overrides
 
 from declora.config import ConfigError, load_config
 from declora.data.validation import select_best
 from declora.inference import load_run, predict
 from declora.rundir.layout import read_metrics
-from declora.train.trainer import run
+from declora.training.trainer import run
 
 REPO = Path(__file__).resolve().parents[2]
-TEXTS = ["Stocks fell as oil prices rose.", "The team won the final in extra time.", "A new chip doubles speed."]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, hidden-32 BERT encoder without a head (like MiniLM's files): any num_labels loads."""
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny-encoder"), head=False)
-
-
-@pytest.fixture(scope="module")
-def agnews_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """200 train, 80 test rows of the real AG News files, and a dev split of 40 other train rows."""
-    require_shared_data("agnews")
-    out = tmp_path_factory.mktemp("agnews")
-    _head(SHARED_DATA / "agnews" / "train.tsv", out / "train.tsv", 240)
-    lines = (out / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
-    (out / "train.tsv").write_text("".join(lines[:201]), encoding="utf-8")
-    (out / "dev.tsv").write_text(lines[0] + "".join(lines[201:]), encoding="utf-8")
-    _head(SHARED_DATA / "agnews" / "test.tsv", out / "test.tsv", 80)
-    return out
-
-
-def agnews_overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"model.name_or_path={model}",
-        "data.task=agnews",
-        f"data.path={data}",
-        "train.clients=2",
-        "train.rounds=3",
-        "train.local_steps=2",
-        "train.batch_size=8",
-        "train.lr=0.01",
-        "peft.r=4",
-        "progress=false",
-        "plots=false",
-        f"out_dir={out}",
-        *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def ag_run(tiny_encoder: Path, agnews_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("ag") / "run"
-    return run(load_config(overrides=agnews_overrides(tiny_encoder, agnews_small, out)))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LOADER = textwrap.dedent(
@@ -226,7 +176,7 @@ def test_the_wheel_ships_the_recipes_and_reproduce_lists_them(tmp_path: Path) ->
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
     code = (
         f"import sys; sys.path.insert(0, {str(target)!r}); import declora; print(declora.__file__); "
-        "from declora.cli.main import main; main(['reproduce', '--list'])"
+        "from declora.cli.app import main; main(['reproduce', '--list'])"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -300,7 +250,7 @@ def test_real_minilm_adapter_is_portable_and_loads_offline_from_its_hint(agnews_
 def test_partition_flags_version_and_readable_summary(
     agnews_small: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from declora.cli.main import main
+    from declora.cli.app import main
     from declora.cli.runs import format_summary
 
     args = ["partition", "iid", "--clients", "2", "--task", "generic", "--data-path", str(agnews_small)]

@@ -7,21 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from declora.cli.main import main
+from declora.cli.app import main
 from declora.config import load_config
 from declora.experiments.compare import differences, load_run, markdown_table, plot_compare
 from declora.rundir.plots import integer_rounds, plot_run, run_title, shows_consensus
-from declora.train.trainer import run
+from declora.training.trainer import run
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(n: int, consensus: float = 0.1) -> list[dict]:

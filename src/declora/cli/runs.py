@@ -1,4 +1,4 @@
-"""``declora eval / predict / export`` and the readable end-of-run summary (wired in :mod:`declora.cli.main`).
+"""``declora eval / predict / export`` and the readable end-of-run summary (wired in :mod:`declora.cli.app`).
 
 Examples:
     declora eval runs/x                                  (the run's held-out split: its reported accuracy)
@@ -79,7 +79,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from declora.cli.main import quiet_libraries
+    from declora.cli.app import quiet_libraries
     from declora.inference import evaluate_run
 
     quiet_libraries()
@@ -95,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from declora.cli.main import quiet_libraries
+    from declora.cli.app import quiet_libraries
     from declora.config import ConfigError
     from declora.inference import load_run, predict, read_texts
 
@@ -114,7 +114,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from declora.cli.main import quiet_libraries
+    from declora.cli.app import quiet_libraries
     from declora.inference import export
 
     quiet_libraries()

@@ -105,7 +105,7 @@ class SwarmCommunicator(Communicator):
         """Catch up with the swarm: the round to continue after, and (newcomer) a start from the neighbours.
 
         Args:
-            done: the trainer's :class:`~declora.train.checkpoint.Progress` after a possible resume.
+            done: the trainer's :class:`~declora.training.checkpoint.Progress` after a possible resume.
             clients: this process's one client (kept: newcomers are served its state).
         """
         self.clients = clients

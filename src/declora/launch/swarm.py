@@ -44,8 +44,8 @@ def peer_config(config: str | None, overrides: list[str]) -> Config:
 
 def run_peer(config: str | None, overrides: list[str]) -> dict[str, Any]:
     """Run one swarm peer to the end; returns its summary."""
-    from declora.cli.main import quiet_libraries
-    from declora.train.trainer import run
+    from declora.cli.app import quiet_libraries
+    from declora.training.trainer import run
 
     cfg = peer_config(config, overrides)
     quiet_libraries()
@@ -102,7 +102,7 @@ def launch_swarm(
     import transformers  # noqa: F401
 
     import declora.comm.swarm  # noqa: F401
-    import declora.train.trainer  # noqa: F401
+    import declora.training.trainer  # noqa: F401
     from declora.comm.swarm_net import peer_id_of
 
     if clients < 1:
@@ -233,7 +233,7 @@ def assemble(base: str | Path, exit_codes: dict[int, int] | None = None, evaluat
 def _evaluate_average(base: Path, mean: dict) -> dict[str, Any]:
     """The averaged model's accuracy on the held-out set (the first peer's config), and its adapter."""
     from declora.evaluation.evaluate import evaluate, length_sorted
-    from declora.train.trainer import save_adapter, setup
+    from declora.training.trainer import save_adapter, setup
 
     config = next(iter(sorted(base.glob("peer_*/config.yaml"))))
     cfg = load_config(config, ["resume=null", "runtime=simulation"])

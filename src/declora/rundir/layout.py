@@ -8,7 +8,7 @@
 <out_dir>/adapters/average/  the averaged adapter (peft save_pretrained)
 <out_dir>/adapters/client_<i>/
 <out_dir>/plots/*.png
-<out_dir>/checkpoints/round_<t>/   rank_<r>.pt + COMPLETE.json (see declora.train.checkpoint)
+<out_dir>/checkpoints/round_<t>/   rank_<r>.pt + COMPLETE.json (see declora.training.checkpoint)
 <out_dir>/ranks/rank_<r>/        runtime=distributed: each rank's own metrics.jsonl and summary.json
 ```
 """

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from declora.errors import ConfigError
-from declora.train.callbacks import Callback
+from declora.training.callbacks import Callback
 
 if TYPE_CHECKING:
     from declora.api import RunResult

@@ -89,7 +89,7 @@ class CallbackList:
     """
 
     def __init__(self, callbacks: Iterable[Any] | None, cfg: Config, rank: int = 0) -> None:
-        from declora.train.trackers import build_trackers
+        from declora.training.trackers import build_trackers
 
         self.callbacks = [_FunctionCallback(c) if inspect.isroutine(c) else c for c in callbacks or []]
         names = [n for n in cfg.report_to if n != "none"]

@@ -13,8 +13,8 @@ from declora.algorithms.dec_lora import DecLoRA
 from declora.config import ConfigError, load_config
 from declora.fault_injection import parse
 from declora.rundir.layout import read_metrics
-from declora.train import checkpoint
-from declora.train.trainer import run
+from declora.training import checkpoint
+from declora.training.trainer import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest
 

@@ -64,9 +64,9 @@ from declora.rundir import protect
 from declora.rundir.adapters import describe_adapters, save_best
 from declora.rundir.files import share_files
 from declora.rundir.layout import RunDir, atomic_write_text
-from declora.train import checkpoint
-from declora.train.callbacks import CallbackList
-from declora.train.checkpoint import Progress
+from declora.training import checkpoint
+from declora.training.callbacks import CallbackList
+from declora.training.checkpoint import Progress
 
 
 @dataclass
@@ -162,7 +162,7 @@ def run(
         comm: the transport; None = from ``cfg.runtime`` (under torch.distributed: join the process
             group of ``RANK``/``WORLD_SIZE``, this process being client ``RANK``).
         inputs: in-memory datasets / model / tokenizer (see :func:`declora.train`).
-        callbacks: :class:`declora.train.callbacks.Callback` objects; ``report_to`` trackers are added.
+        callbacks: :class:`declora.training.callbacks.Callback` objects; ``report_to`` trackers are added.
     """
     checkpoint.check_resumable(cfg)
     protect.check_out_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # before any model
@@ -272,7 +272,7 @@ def run(
                 acc=f"{row['accuracy']:.3f}",
                 cons=f"{row['consensus_error']:.2e}",
             )
-        # Callbacks and trackers (declora.train.callbacks): one may stop the run after this round.
+        # Callbacks and trackers (declora.training.callbacks): one may stop the run after this round.
         evaluated = history[-1] if history and history[-1]["round"] == round_ else None
         stop = hooks.round_end(round_, evaluated, clients, losses, local if evaluated else {}, comm)
         # 4. Checkpoint: each process saves its clients atomically; rank 0 then marks the round complete.

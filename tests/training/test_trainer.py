@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from declora.config import load_config
 from declora.rundir.layout import read_metrics
-from declora.train.trainer import run
+from declora.training.trainer import run
 
 METRIC_KEYS = {
     "round",
@@ -130,7 +130,7 @@ def test_saved_client_adapter_reloads_to_the_same_predictions(
     tiny_overrides: list[str], tiny_bert: Path, tmp_path: Path
 ) -> None:
     from declora.evaluation.evaluate import evaluate, length_sorted
-    from declora.train.trainer import make_clients, save_adapter, setup
+    from declora.training.trainer import make_clients, save_adapter, setup
 
     s = setup(load_config(overrides=tiny_overrides))
     client = make_clients(s, [2])[2]
@@ -142,7 +142,7 @@ def test_saved_client_adapter_reloads_to_the_same_predictions(
 
 def test_saved_average_adapter_reproduces_the_reported_accuracy(tiny_overrides: list[str], tiny_bert: Path) -> None:
     from declora.evaluation.evaluate import length_sorted
-    from declora.train.trainer import setup
+    from declora.training.trainer import setup
 
     summary = _run(tiny_overrides)
     s = setup(load_config(Path(summary["run_dir"]) / "config.yaml"))

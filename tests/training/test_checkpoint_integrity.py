@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from declora.cli.main import main
+from declora.cli.app import main
 from declora.config import load_config
 from declora.errors import CheckpointError
 from declora.rundir import integrity
 from declora.rundir.layout import read_metrics
-from declora.train import checkpoint
-from declora.train.trainer import run
+from declora.training import checkpoint
+from declora.training.trainer import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest
 

@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     quiet_libraries()
     from declora.cli.runs import AnnounceRunDir, format_summary
-    from declora.train.trainer import run
+    from declora.training.trainer import run
 
     summary = run(cfg, callbacks=[AnnounceRunDir()])
     print("\nsummary")

@@ -13,7 +13,7 @@ import pytest
 import declora
 from declora.errors import ConfigError
 from declora.rundir.layout import read_metrics
-from declora.train.trackers import check_trackers, numbers
+from declora.training.trackers import check_trackers, numbers
 
 ROUND_KEYS = ("accuracy", "eval_loss", "consensus_error", "train_loss", "client_accuracy_mean", "bytes_sent")
 
