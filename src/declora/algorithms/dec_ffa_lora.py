@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from declora.algorithms.base import Algorithm
+from declora.algorithms.gossip import exact_gossip
 from declora.comm.base import Communicator, State
 
 
@@ -35,5 +36,5 @@ class DecFFALoRA(Algorithm):
         participants: Sequence[int] | None = None,
     ) -> tuple[dict[int, State], int]:
         sent_part = {i: {n: t for n, t in s.items() if self.is_trained(n)} for i, s in states.items()}
-        mixed, sent = comm.gossip(sent_part, W)
+        mixed, sent = exact_gossip(comm, sent_part, W)
         return {i: states[i] | mixed[i] for i in states}, sent

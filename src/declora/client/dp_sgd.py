@@ -63,8 +63,8 @@ from torch import nn
 
 from declora.client.dp_batches import PoissonStream, ShuffleStream, rng_seed
 from declora.config import Config, ConfigError, PrivacyConfig
+from declora.types import State
 
-State = dict[str, torch.Tensor]
 _NOISE = 0xD9  # keeps the noise stream apart from other seeds
 
 

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from declora.errors import DivergenceError
-
-State = Mapping[str, torch.Tensor]
+from declora.types import State
 
 
 def fix_hint(lr: float, run_dir: str | Path | None = None) -> str:

@@ -14,12 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
 from declora.mixing.kernel import state_bytes
-
-State = dict[str, torch.Tensor]
-Message = dict[str, torch.Tensor]  # what goes on the wire: a state, or an encoded (packed) state
+from declora.types import Message, State
 
 
 def neighbors(W: np.ndarray, i: int) -> list[int]:
@@ -85,9 +82,3 @@ class Communicator(ABC):
         """:meth:`exchange`, plus the bytes the local clients sent: each message once per neighbour."""
         received = self.exchange(messages, W)
         return received, sum(len(neighbors(W, i)) * message_bytes(messages[i]) for i in messages)
-
-    def gossip(self, states: dict[int, State], W: np.ndarray) -> tuple[dict[int, State], int]:
-        """Exact gossip, ``X_i <- sum_j W_ij X_j`` (:func:`declora.algorithms.gossip.exact_gossip`)."""
-        from declora.algorithms.gossip import exact_gossip
-
-        return exact_gossip(self, states, W)

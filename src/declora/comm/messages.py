@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from declora.errors import PeerError
+from declora.types import Message
 
-Message = dict[str, torch.Tensor]
 HEADER_VERSION = 1
 
 

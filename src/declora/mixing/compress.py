@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-State = dict[str, torch.Tensor]
-Message = dict[str, torch.Tensor]
+from declora.types import Message, State
 
 BITS = (32, 16, 8, 4, 2)
 SCALES = ("tensor", "row")

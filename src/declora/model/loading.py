@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from declora.config import ConfigError, ModelConfig, PeftConfig
-
-State = dict[str, torch.Tensor]
+from declora.types import State
 
 # Models shipped inside PyPI packages, so that default runs need no hub:
 # alias -> (package, sub-folder) or (package, sub-folder, GGUF file in it).
