@@ -14,11 +14,11 @@ import sys
 
 import torch
 
-from declora.cli.app import quiet_libraries
 from declora.config import load_config
 from declora.mixing.compress import Quantizer
 from declora.mixing.topology import Topology
 from declora.model.loading import build_model, trainable_state
+from declora.quiet import quiet_libraries
 
 
 def main(overrides: list[str]) -> None:

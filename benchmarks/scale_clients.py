@@ -17,12 +17,13 @@ Usage (wrap in ``flock /tmp/declora-heavy.lock`` on a shared machine):
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import DECLORA, SHARED_SST2, overrides, summary
+from declora.rundir.layout import read_metrics
 
 GIB = 2**30
 
@@ -35,26 +36,28 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-examples", type=int, default=64)
     ap.add_argument("--model", default="all-minilm-l6-v2")
-    ap.add_argument("--data", default="../shared/data/sst2")
+    ap.add_argument("--data", default=str(SHARED_SST2))
     ap.add_argument("--budget-gib", type=float, default=24.0, help="machine memory for the 'clients that fit' line")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.clients:
             out = Path(tmp) / f"n{n}"
-            cmd = [
-                sys.executable, "-m", "declora", "train", f"model.name_or_path={args.model}",
-                f"data.path={args.data}", f"train.clients={n}", "topology.kind=ring",
-                f"train.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
-                f"train.batch_size={args.batch_size}", f"data.max_eval_examples={args.eval_examples}",
-                "eval.clients=false", "checkpoint_every=0", "save_adapters=false", "plots=false", "progress=false",
-                f"out_dir={out}",
-            ]  # fmt: skip
+            options = overrides(
+                model=args.model,
+                data=args.data,
+                clients=n,
+                rounds=args.rounds,
+                local_steps=args.local_steps,
+                batch_size=args.batch_size,
+                eval_examples=args.eval_examples,
+                extra=["topology.kind=ring", "eval.clients=false", "checkpoint_every=0", f"out_dir={out}"],
+            )
+            cmd = [*DECLORA, "train", *options]
             start = time.perf_counter()
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wall = time.perf_counter() - start
-            s = json.loads((out / "summary.json").read_text())
-            rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+            s, rounds = summary(out), read_metrics(out)
             rows.append((n, s, wall, rounds))
             print(
                 f"N={n:>5}: peak RSS {s['peak_rss_mb']:>7.0f} MB, local steps + gossip "

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from torchrun_vs_simulation import per_round, timed, tiny_bert  # noqa: E402
+from _common import DECLORA, SHARED_SST2, model_name, overrides, per_round, timed
+from declora.rundir.layout import peer_dir
 
 
 def main() -> None:
@@ -37,43 +36,38 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--train-examples", type=int, default=400)
     ap.add_argument("--eval-examples", type=int, default=100)
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"))
+    ap.add_argument("--data", default=str(SHARED_SST2))
     args = ap.parse_args()
     if args.rounds < 2:
         ap.error("--rounds must be >= 2 (a round's time is the gap between two metrics rows)")
 
     tmp = Path(tempfile.mkdtemp(prefix="declora-swarm-bench-"))
-    model = tiny_bert(tmp / "tiny") if args.model == "tiny" else "minilm"
-    overrides = [
-        f"model.name_or_path={model}",
-        f"data.path={args.data}",
-        f"train.rounds={args.rounds}",
-        f"train.local_steps={args.local_steps}",
-        f"train.batch_size={args.batch_size}",
-        f"data.max_train_examples={args.train_examples}",
-        f"data.max_eval_examples={args.eval_examples}",
-        "progress=false",
-        "plots=false",
-        "save_adapters=false",
-    ]
+    options = overrides(  # train.clients is set per runtime below
+        model=model_name(args.model, tmp),
+        data=args.data,
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        batch_size=args.batch_size,
+        train_examples=args.train_examples,
+        eval_examples=args.eval_examples,
+    )
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # every process on one thread
-    declora = [sys.executable, "-m", "declora"]
     n = args.clients
     results: dict[str, float] = {}
 
     out = tmp / "sim"
-    total = timed([*declora, "train", f"train.clients={n}", *overrides, f"out_dir={out}"], env)
+    total = timed([*DECLORA, "train", f"train.clients={n}", *options, f"out_dir={out}"], env)
     results["simulation, 1 thread"] = per_round(out)
     report("simulation, 1 thread", results, total)
 
     out = tmp / "torchrun"
-    total = timed([*declora, "launch", f"--clients={n}", *overrides, f"out_dir={out}"], env)
+    total = timed([*DECLORA, "launch", f"--clients={n}", *options, f"out_dir={out}"], env)
     results[f"torchrun x{n}"] = per_round(out)
     report(f"torchrun x{n}", results, total)
 
     out = tmp / "swarm"
-    total = timed([*declora, "swarm", "--clients", str(n), "--out", str(out), *overrides], env)
-    peers = [per_round(out / f"peer_{i}") for i in range(n)]
+    total = timed([*DECLORA, "swarm", "--clients", str(n), "--out", str(out), *options], env)
+    peers = [per_round(peer_dir(out, i)) for i in range(n)]
     results[f"swarm x{n}"] = sum(peers) / n
     report(f"swarm x{n}", results, total, f"per peer: {', '.join(f'{p:.3f}' for p in peers)}")
 

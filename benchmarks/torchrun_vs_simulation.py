@@ -15,47 +15,11 @@ steps, gossip, evaluation and the checkpoint all included). Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-
-def tiny_bert(folder: Path) -> str:
-    """A randomly initialised 2-layer BERT (hidden 32) with MiniLM's tokenizer, as in the tests."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from declora.model.loading import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def per_round(run_dir: Path) -> float:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    walls = [r["wall_s"] for r in rows]
-    return (walls[-1] - walls[0]) / (len(walls) - 1)
-
-
-def timed(cmd: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+from _common import DECLORA, SHARED_SST2, model_name, overrides, per_round, timed
 
 
 def main() -> None:
@@ -68,33 +32,28 @@ def main() -> None:
     ap.add_argument("--train-examples", type=int, default=400)
     ap.add_argument("--eval-examples", type=int, default=100)
     ap.add_argument("--sim-threads", choices=("1", "default", "both"), default="1")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"))
+    ap.add_argument("--data", default=str(SHARED_SST2))
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="declora-bench-"))
-    model = tiny_bert(tmp / "tiny") if args.model == "tiny" else "minilm"
-    overrides = [
-        f"model.name_or_path={model}",
-        f"data.path={args.data}",
-        f"train.clients={args.clients}",
-        f"train.rounds={args.rounds}",
-        f"train.local_steps={args.local_steps}",
-        f"train.batch_size={args.batch_size}",
-        f"data.max_train_examples={args.train_examples}",
-        f"data.max_eval_examples={args.eval_examples}",
-        "progress=false",
-        "plots=false",
-        "save_adapters=false",
-    ]
+    options = overrides(
+        model=model_name(args.model, tmp),
+        data=args.data,
+        clients=args.clients,
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        batch_size=args.batch_size,
+        train_examples=args.train_examples,
+        eval_examples=args.eval_examples,
+    )
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     env.pop("OMP_NUM_THREADS", None)
-    declora = [sys.executable, "-m", "declora"]
     runs = []
     if args.sim_threads in ("1", "both"):
-        runs.append(("simulation, 1 thread", [*declora, "train", *overrides], {"OMP_NUM_THREADS": "1"}))
+        runs.append(("simulation, 1 thread", [*DECLORA, "train", *options], {"OMP_NUM_THREADS": "1"}))
     if args.sim_threads in ("default", "both"):
-        runs.append(("simulation, default", [*declora, "train", *overrides], {}))
-    launch = [*declora, "launch", f"--clients={args.clients}", *overrides]
+        runs.append(("simulation, default", [*DECLORA, "train", *options], {}))
+    launch = [*DECLORA, "launch", f"--clients={args.clients}", *options]
     runs.append((f"torchrun x{args.clients}", launch, {}))
     results = {}
     for i, (name, cmd, extra_env) in enumerate(runs):

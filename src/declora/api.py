@@ -8,118 +8,18 @@ it is called.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from declora.errors import ConfigError
+from declora.quiet import quiet_libraries
 
 if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
     from declora.config import Config
 
+from declora.training.result import Inputs, RunResult
+
 __all__ = ["Inputs", "RunResult", "train", "resolve_config"]
-
-
-@dataclass
-class Inputs:
-    """Objects used instead of files and paths (all optional).
-
-    Attributes:
-        splits: ``{"train": Dataset, "eval": Dataset}``; read instead of ``data.path``, then subsampled,
-            label-mapped, tokenized and partitioned exactly as files are.
-        model: a transformers model (``AutoModelForSequenceClassification`` for ``model.task_type=seq_cls``,
-            ``AutoModelForCausalLM`` for ``causal_lm``), wrapped with peft in place.
-        tokenizer: its tokenizer; None = loaded from ``model.name_or_path``.
-    """
-
-    splits: dict[str, Any] | None = None
-    model: Any = None
-    tokenizer: Any = None
-
-
-@dataclass
-class RunResult:
-    """What a run produced: its numbers, its directory and its adapters.
-
-    Attributes:
-        summary: the contents of ``summary.json``.
-        history: the rows of ``metrics.jsonl`` (one per evaluated round).
-        run_dir: the run directory.
-        config: the resolved config the run used.
-    """
-
-    summary: dict[str, Any]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    run_dir: Path = Path(".")
-    config: Config | None = None
-
-    @property
-    def final_accuracy(self) -> float:
-        """Accuracy of the averaged model after the last round."""
-        return self.summary["final_accuracy"]
-
-    @property
-    def stopped_early(self) -> bool:
-        """Whether a callback stopped the run before ``train.rounds``."""
-        return self.config is not None and self.summary["rounds"] < self.config.train.rounds
-
-    def adapter_dir(self, adapter: str | int = "average") -> Path:
-        """``adapters/average`` or ``adapters/client_<i>`` (``adapter`` = "average", i or "client_<i>")."""
-        name = f"client_{adapter}" if isinstance(adapter, int) else adapter
-        path = self.run_dir / "adapters" / name
-        if not path.is_dir():
-            raise ConfigError(f"{path}: no such adapter (runs with save_adapters=false keep none)")
-        return path
-
-    def adapter_state(self, adapter: str | int = "average") -> dict[str, torch.Tensor]:
-        """The saved tensors of one adapter, keyed as peft saves them (``...lora_A.weight``, the head)."""
-        from safetensors.torch import load_file
-
-        path = self.adapter_dir(adapter)
-        files = sorted(path.glob("*.safetensors"))  # adapter_model.safetensors, or head.safetensors (head_only)
-        if not files:
-            raise ConfigError(f"{path}: no .safetensors file")
-        return {k: v for f in files for k, v in load_file(str(f)).items()}
-
-    def average_state(self) -> dict[str, torch.Tensor]:
-        """The averaged model's adapter (what the run evaluated), as a state dict."""
-        return self.adapter_state("average")
-
-    def client_state(self, i: int) -> dict[str, torch.Tensor]:
-        """Client ``i``'s own adapter after the last round, as a state dict."""
-        return self.adapter_state(i)
-
-    def load_model(self, adapter: str | int = "average", base: nn.Module | None = None) -> nn.Module:
-        """The base model with a saved adapter loaded: a ``peft.PeftModel`` (``head_only``: the base).
-
-        Args:
-            adapter: "average", a client id, or "client_<i>".
-            base: the base model to load into (required when the run was given a model object);
-                None = loaded from ``model.name_or_path`` as the run loaded it.
-        """
-        from declora.model.loading import load_base
-
-        path = self.adapter_dir(adapter)
-        if base is None and self.config is None:
-            raise ConfigError("RunResult.load_model: this result has no config; pass base=")
-        if base is None:
-            with quiet_libraries():  # no load report for the head that the adapter replaces
-                base = load_base(self.config.model, len(self.summary["label_names"]))
-        if (path / "head.safetensors").is_file():  # head_only: no peft wrapper
-            from safetensors.torch import load_file
-
-            keys = base.load_state_dict(load_file(str(path / "head.safetensors")), strict=False)
-            if keys.unexpected_keys:
-                raise ConfigError(f"{path}: head tensors {keys.unexpected_keys[:3]} do not fit this base model")
-            return base
-        from peft import PeftModel
-
-        with quiet_libraries():
-            return PeftModel.from_pretrained(base, str(path))
 
 
 def _dotted(values: list[str]) -> dict[str, Any]:
@@ -208,31 +108,6 @@ def _splits(data: Any, eval_data: Any, cfg: Config) -> dict[str, Any] | None:
     return {"train": _dataset(train, "data"), "eval": _dataset(eval_data, "eval_data")}
 
 
-@contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """Silence datasets/transformers progress bars, load reports and FutureWarnings; restore after."""
-    import warnings
-
-    import datasets
-    import transformers
-
-    bars = datasets.is_progress_bar_enabled(), transformers.logging.is_progress_bar_enabled()
-    verbosity = transformers.logging.get_verbosity()
-    datasets.disable_progress_bars()
-    transformers.logging.disable_progress_bar()
-    transformers.logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-            yield
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        if bars[0]:
-            datasets.enable_progress_bars()
-        if bars[1]:
-            transformers.logging.enable_progress_bar()
-
-
 def train(
     config: Any = None,
     /,
@@ -294,8 +169,8 @@ def train(
     check_trackers(cfg.report_to)
     with quiet_libraries() if quiet else contextlib.nullcontext():
         summary = run(cfg, inputs=Inputs(splits, model, tokenizer), callbacks=callbacks)
-    from declora.rundir.layout import read_metrics
+    from declora.rundir.layout import METRICS, read_metrics
 
     run_dir = Path(summary["run_dir"])
-    history = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    history = read_metrics(run_dir) if (run_dir / METRICS).is_file() else []
     return RunResult(summary, history, run_dir, cfg)

@@ -26,8 +26,10 @@ from torch import nn
 
 from declora.config import Config, ConfigError
 from declora.model.loading import State
+from declora.rundir import layout
+from declora.rundir.layout import AVERAGE
 
-_ADAPTER_FILES = ("adapter_model.safetensors", "head.safetensors")
+_ADAPTER_FILES = (layout.PEFT_WEIGHTS, layout.HEAD_WEIGHTS)
 
 
 @dataclass
@@ -46,9 +48,9 @@ class LoadedRun:
 
 def adapter_dir(run: Path, name: str) -> Path:
     """``run/adapters/<name>``; ConfigError listing the adapters there when it has none of that name."""
-    path = Path(run) / "adapters" / name
+    path = layout.adapter_dir(run, name)
     if not any((path / f).is_file() for f in _ADAPTER_FILES):
-        folder = Path(run) / "adapters"
+        folder = Path(run) / layout.ADAPTERS
         have = sorted(p.name for p in folder.glob("[!.]*")) if folder.is_dir() else []
         raise ConfigError(f"--adapter {name}: no adapters/{name} in {run} (have: {', '.join(have) or 'none'})")
     return path
@@ -56,7 +58,7 @@ def adapter_dir(run: Path, name: str) -> Path:
 
 def run_label_names(run: Path, adapter: Path) -> list[str]:
     """The run's label names: summary.json, else the adapter's declora.json (an unfinished run's best)."""
-    for file, key in ((Path(run) / "summary.json", "label_names"), (adapter / "declora.json", "id2label")):
+    for file, key in ((Path(run) / layout.SUMMARY, "label_names"), (adapter / layout.ADAPTER_METADATA, "id2label")):
         if file.is_file():
             value = json.loads(file.read_text()).get(key)
             if value:
@@ -70,20 +72,35 @@ def read_adapter_state(model: nn.Module, path: Path) -> State:
 
     from declora.model.loading import load_state, trainable_state
 
-    if (path / "adapter_model.safetensors").is_file():
+    if (path / layout.PEFT_WEIGHTS).is_file():
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        result = set_peft_model_state_dict(model, load_file(str(path / layout.PEFT_WEIGHTS)))
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if k]
         if unexpected:
             raise ConfigError(f"{path}: tensors {unexpected[:3]} do not fit the run's model")
         return trainable_state(model)
-    head = load_file(str(path / "head.safetensors"))  # peft.method=head_only
+    head = load_file(str(path / layout.HEAD_WEIGHTS))  # peft.method=head_only
     load_state(model, head)
     return {n: t.float() for n, t in head.items()}
 
 
-def load_run(run_dir: str | Path, adapter: str = "average") -> LoadedRun:
+def adapter_peft(peft_cfg: Any, path: Path) -> Any:
+    """The run's ``peft`` section at the saved LoRA adapter's own ``r`` and ``lora_alpha``.
+
+    dec_decaf's and peft.ranks' ``average``/``best`` hold the exact mean update at a rank k other than
+    ``peft.r`` (:func:`declora.rundir.adapters.widen_adapter`), and a peft.ranks peer its own r_i.
+    """
+    file = path / layout.PEFT_CONFIG
+    if peft_cfg.method != "lora" or not file.is_file():
+        return peft_cfg
+    saved = json.loads(file.read_text())
+    if saved.get("r") == peft_cfg.r and peft_cfg.ranks is None:
+        return peft_cfg
+    return replace(peft_cfg, r=int(saved["r"]), lora_alpha=float(saved["lora_alpha"]), ranks=None)
+
+
+def load_run(run_dir: str | Path, adapter: str = AVERAGE) -> LoadedRun:
     """Rebuild the run's model and load ``adapters/<adapter>`` (average, best or client_<i>).
 
     Raises:
@@ -93,13 +110,13 @@ def load_run(run_dir: str | Path, adapter: str = "average") -> LoadedRun:
     from declora.model.loading import build_model, load_tokenizer
 
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run}: not a run directory (no config.yaml)")
-    cfg = load_config(run / "config.yaml")
+    if not (run / layout.CONFIG).is_file():
+        raise ConfigError(f"{run}: not a run directory (no {layout.CONFIG})")
+    cfg = load_config(run / layout.CONFIG)
     path = adapter_dir(run, adapter)
     names = run_label_names(run, path)
     tokenizer = load_tokenizer(cfg.model)
-    model = build_model(cfg.model, cfg.peft, len(names), seed=cfg.train.seed)
+    model = build_model(cfg.model, adapter_peft(cfg.peft, path), len(names), seed=cfg.train.seed)
     state = read_adapter_state(model, path)
     model.requires_grad_(False)
     return LoadedRun(run, cfg, adapter, model, state, tokenizer, names, next(model.parameters()).device)
@@ -128,7 +145,7 @@ def _split_and_cap(cfg: Config, split: str | None, data_path: str | None, cap: i
 
 def evaluate_run(
     run_dir: str | Path,
-    adapter: str = "average",
+    adapter: str = AVERAGE,
     split: str | None = None,
     data_path: str | None = None,
     max_examples: int | None = None,
@@ -226,7 +243,7 @@ def read_texts(file: str | Path, lr: LoadedRun) -> list[str]:
     return [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def export(run_dir: str | Path, out: str | Path, adapter: str = "average", merge: bool = False) -> Path:
+def export(run_dir: str | Path, out: str | Path, adapter: str = AVERAGE, merge: bool = False) -> Path:
     """Write ``adapters/<adapter>`` to ``out``: the adapter folder (+ tokenizer), or with ``merge`` a full
     transformers model (LoRA merged into the base, labels in its config) that loads with
     ``AutoModelForSequenceClassification/AutoModelForCausalLM.from_pretrained(out)``.
@@ -252,10 +269,11 @@ def export(run_dir: str | Path, out: str | Path, adapter: str = "average", merge
         merged.config.label2id = {n: i for i, n in enumerate(lr.label_names)}
     merged.save_pretrained(str(out))
     lr.tokenizer.save_pretrained(str(out))
-    if (source / "declora.json").is_file():  # the facts of the adapter it was merged from
-        shutil.copy(source / "declora.json", out / "declora.json")
-    if (source / "README.md").is_file():
-        (out / "README.md").write_text(_merged_card((source / "README.md").read_text(), lr.cfg.model.task_type))
+    if (source / layout.ADAPTER_METADATA).is_file():  # the facts of the adapter it was merged from
+        shutil.copy(source / layout.ADAPTER_METADATA, out / layout.ADAPTER_METADATA)
+    card = source / layout.MODEL_CARD
+    if card.is_file():
+        (out / layout.MODEL_CARD).write_text(_merged_card(card.read_text(), lr.cfg.model.task_type))
     return out
 
 

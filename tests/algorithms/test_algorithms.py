@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracles import mix_states
 from safetensors.torch import load_file
 
 from declora.algorithms.dec_decaf import DecDeCAF, decaf_mix, refactor
 from declora.algorithms.fedavg import FedAvg, sample_clients
 from declora.comm import InProcessCommunicator
 from declora.config import ConfigError, load_config
-from declora.mixing.kernel import average_states, mix_states
+from declora.mixing.kernel import average_states
 from declora.mixing.topology import Topology
 from declora.model.loading import build_model, trainable_state
 from declora.rundir.layout import read_metrics

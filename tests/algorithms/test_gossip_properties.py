@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracles import consensus_error, mix_states
 
 from declora.algorithms import ALGORITHMS
 from declora.algorithms.gossip import compressed_gossip, exact_gossip
 from declora.comm import InProcessCommunicator
 from declora.config import ConfigError, load_config
 from declora.mixing.compress import Quantizer
-from declora.mixing.kernel import average_states, consensus_error, mix_row, mix_states
+from declora.mixing.kernel import average_states, mix_row
 from declora.mixing.topology import MIXING_RULES, TOPOLOGIES, Topology
 from declora.model.peft_methods import METHODS
 from declora.partition import PARTITIONERS

@@ -16,7 +16,8 @@ from declora.client.dp_batches import PoissonStream, ShuffleStream
 from declora.client.dp_sgd import PeerPrivacy, calibrate, clip_and_sum, per_example_grads
 from declora.config import ConfigError, PrivacyConfig, load_config
 from declora.rundir.layout import read_metrics
-from declora.training.trainer import make_clients, run, setup
+from declora.training.setup import make_clients, setup
+from declora.training.trainer import run
 
 DP = ["privacy.mechanism=dp_sgd"]
 
@@ -144,6 +145,79 @@ def test_a_private_step_has_a_clipped_gradient_plus_noise_of_std_sigma_c(tiny_ov
     assert loss.item() == 0.0 and abs(noise.std().item() - 1) < 0.1
 
 
+def test_a_chunked_step_equals_the_unchunked_one_and_is_one_noise_draw(tiny_overrides: list[str]) -> None:
+    """Physical batches of 2 (sorted by length, padding trimmed) vs the 7-example batch in one pass: with
+    sigma=0 and a bound never reached, the same gradient up to float rounding; one accountant step each."""
+    s, client, batch = _setup_batch([*tiny_overrides, *DP, "privacy.noise_multiplier=1.0"], size=7)
+    s.model.eval()
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # chunks really get trimmed
+    out: dict[int | None, tuple[torch.Tensor, float]] = {}
+    for physical in (None, 2, 3):
+        cfg = PrivacyConfig(mechanism="dp_sgd", max_grad_norm=1e9, noise_multiplier=0.0, physical_batch_size=physical)
+        dp = PeerPrivacy(0, cfg, 0.0, q=0.05, batch_size=8, examples=140, planned_steps=1, seed=0)
+        for p in client.params.values():
+            p.grad = None
+        loss = dp.loss(s.model, client.params, batch)
+        loss.backward()
+        assert dp.steps == 1 and len(dp.accountant.history) == 1 and len(dp.norms[0]) == 7
+        out[physical] = (torch.cat([p.grad.flatten() for p in client.params.values() if p.requires_grad]), loss.item())
+    for physical in (2, 3):
+        torch.testing.assert_close(out[physical][0], out[None][0], rtol=1e-5, atol=1e-7)
+        assert out[physical][1] == pytest.approx(out[None][1], rel=1e-6)
+    assert out[None][0].abs().sum() > 0
+
+
+def test_physical_chunks_cover_the_batch_once_longest_first() -> None:
+    from declora.client.dp_batches import physical_chunks
+
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]])
+    batch = {"input_ids": torch.arange(20).reshape(5, 4) * mask, "attention_mask": mask, "labels": torch.arange(5)}
+    assert physical_chunks(batch, None) == [batch]
+    chunks = physical_chunks(batch, 2)
+    assert [c["labels"].tolist() for c in chunks] == [[1, 3], [0, 4], [2]]  # by length, ties in batch order
+    assert [c["input_ids"].shape[1] for c in chunks] == [4, 2, 1]  # each chunk only as wide as its longest
+    for c in chunks:
+        for row, label in zip(c["input_ids"], c["labels"], strict=True):
+            assert row.tolist() == batch["input_ids"][label, : len(row)].tolist()
+
+
+def test_physical_batches_keep_one_accountant_step_per_logical_batch_and_log_clipping(
+    tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    """privacy.physical_batch_size=3 with batch 8: steps = logical batches, the reported epsilon is Opacus'
+    accountant recomputed from the reported sigma, sample rate and steps; clipping stats in every row."""
+    from opacus.accountants import RDPAccountant
+
+    extra = ["privacy.target_epsilon=6", "privacy.physical_batch_size=3", "privacy.max_grad_norm=0.05"]
+    summary = run(load_config(overrides=[*tiny_overrides, *DP, *extra, f"out_dir={tmp_path}"]))
+    rows = read_metrics(summary["run_dir"])
+    peers = summary["privacy"]["peers"]
+    assert [p["steps"] for p in peers] == [4] * 4  # 2 rounds x 2 local steps: logical batches, not chunks
+    for p in peers:
+        ref = RDPAccountant()
+        ref.history = [(p["noise_multiplier"], p["sample_rate"], p["steps"])]
+        assert p["epsilon"] == pytest.approx(ref.get_epsilon(delta=p["delta"]), rel=1e-9)
+        assert 6 - 0.011 <= p["epsilon"] <= 6
+    for row in rows:
+        for key in ("grad_norm_median", "grad_norm_p90", "clipped_fraction"):
+            per_peer = row[f"{key}_per_peer"]
+            assert len(per_peer) == 4 and row[key] == pytest.approx(np.mean(per_peer))
+        assert all(m <= p for m, p in zip(row["grad_norm_median_per_peer"], row["grad_norm_p90_per_peer"], strict=True))
+        assert all(0.0 <= f <= 1.0 for f in row["clipped_fraction_per_peer"])
+    assert rows[0]["clipped_fraction"] > 0.5  # C=0.05 is below most per-example norms of a fresh head
+
+
+def test_clip_stats_are_the_norms_quantiles_and_reset() -> None:
+    cfg = PrivacyConfig(mechanism="dp_sgd", max_grad_norm=1.0, noise_multiplier=1.0)
+    dp = PeerPrivacy(0, cfg, 1.0, q=0.1, batch_size=4, examples=40, planned_steps=1, seed=0)
+    dp.norms = [torch.tensor([0.5, 2.0, 0.1]), torch.tensor([3.0, 0.2])]
+    median, p90, clipped = dp.clip_stats()
+    ref = np.array([0.5, 2.0, 0.1, 3.0, 0.2])
+    assert median == pytest.approx(np.median(ref)) and p90 == pytest.approx(np.quantile(ref, 0.9))
+    assert clipped == pytest.approx(2 / 5) and dp.norms == []
+    assert all(np.isnan(dp.clip_stats()))  # nothing seen since: no statistics
+
+
 def test_poisson_stream_samples_at_rate_q_and_resumes_exactly() -> None:
     s = PoissonStream(np.arange(1000), q=0.02, seed=0, stream_id=3)
     sizes = [len(s.next()) for _ in range(300)]
@@ -247,6 +321,12 @@ def test_resume_keeps_the_accountant_and_the_noise_stream(tiny_overrides: list[s
         ([*DP, "privacy.noise_multiplier=1", "peft.method=prefix_tuning"], "lora, ia3 or head_only"),
         ([*DP, "privacy.noise_multiplier=1", "train.max_grad_norm=1"], "unset train.max_grad_norm"),
         ([*DP, "privacy.noise_multiplier=1", "model.quantization=nf4"], "model.quantization=none"),
+        ([*DP, "privacy.noise_multiplier=1", "privacy.physical_batch_size=0"], "privacy.physical_batch_size=0"),
+        (["privacy.physical_batch_size=8"], "need privacy.mechanism=dp_sgd"),
+        (
+            [*DP, "privacy.noise_multiplier=1", "train.batch_size=32", "train.grad_accumulation=8"],
+            "train.batch_size=256 privacy.physical_batch_size=32",
+        ),
     ],
 )
 def test_bad_privacy_options_stop_with_one_line(overrides: list[str], message: str) -> None:

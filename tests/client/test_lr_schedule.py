@@ -69,7 +69,7 @@ def test_accumulated_micro_batches_equal_one_big_batch_and_step_the_schedule_onc
 ) -> None:
     from dataclasses import replace
 
-    from declora.training.trainer import setup
+    from declora.training.setup import setup
 
     cfg = load_config(overrides=[*tiny_overrides, "train.optimizer=sgd", "train.lr=0.5"])
     s = setup(cfg)

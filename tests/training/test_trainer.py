@@ -130,7 +130,8 @@ def test_saved_client_adapter_reloads_to_the_same_predictions(
     tiny_overrides: list[str], tiny_bert: Path, tmp_path: Path
 ) -> None:
     from declora.evaluation.evaluate import evaluate, length_sorted
-    from declora.training.trainer import make_clients, save_adapter, setup
+    from declora.training.finish import save_adapter
+    from declora.training.setup import make_clients, setup
 
     s = setup(load_config(overrides=tiny_overrides))
     client = make_clients(s, [2])[2]
@@ -142,7 +143,7 @@ def test_saved_client_adapter_reloads_to_the_same_predictions(
 
 def test_saved_average_adapter_reproduces_the_reported_accuracy(tiny_overrides: list[str], tiny_bert: Path) -> None:
     from declora.evaluation.evaluate import length_sorted
-    from declora.training.trainer import setup
+    from declora.training.setup import setup
 
     summary = _run(tiny_overrides)
     s = setup(load_config(Path(summary["run_dir"]) / "config.yaml"))

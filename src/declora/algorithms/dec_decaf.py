@@ -9,10 +9,15 @@ Client i then sets, for every LoRA module,
     M_i ~= U_r S_r V_r^T               truncated SVD
     B_i = U_r sqrt(S_r),  A_i = sqrt(S_r) V_r^T
 
-and mixes every other tensor (the head) as Dec-LoRA does. Mixing products is what the averaged model
-should be (the mean of the updates); separate factor mixing instead averages A and B and adds the
-cross terms ``B_j A_k``. Two costs: the SVD per module per round, and the re-factoring changes the
-basis of A and B, so each client's Adam moments then refer to rotated coordinates.
+and mixes every other tensor (the head) as Dec-LoRA does. Separate factor mixing instead averages A
+and B and adds the cross terms ``B_j A_k``. Two costs: the SVD per module per round, and the
+re-factoring changes the basis of A and B, so each client's Adam moments then refer to rotated
+coordinates.
+
+**The averaged model is the mean update** ``(1/N) sum_i B_i A_i`` per module (plus the mean head),
+exactly: each peer's factors come out of its own SVD, with arbitrary signs and rotations, so the mean
+of the factors would not be the mean of the products (:class:`ProductMean`,
+:mod:`declora.mixing.products`). ``consensus_error`` is measured on the products as well.
 """
 
 from __future__ import annotations
@@ -22,30 +27,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from declora.algorithms.base import Algorithm
+from declora.algorithms.base import Algorithm, member_average
 from declora.algorithms.dec_ffa_lora import is_lora_A
 from declora.comm.base import Communicator, State
 from declora.mixing.kernel import weighted_sum
+from declora.mixing.products import exact_factors, lora_pairs, mean_rank, product_distance, refactor
 
-
-def refactor(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors of ``product`` with the singular values split evenly.
-
-    Args:
-        product: (d_out, d_in) matrix.
-        rank: r, the number of rows of A.
-
-    Returns:
-        B (d_out, r) = U_r sqrt(S_r) and A (r, d_in) = sqrt(S_r) V_r^T, in ``product``'s dtype. Singular
-        directions beyond the product's rank come back as zero rows/columns.
-    """
-    U, S, Vh = torch.linalg.svd(product.double(), full_matrices=False)
-    root = S[:rank].sqrt()
-    B, A = U[:, :rank] * root, root[:, None] * Vh[:rank]
-    if B.shape[1] < rank:  # rank > min(d_out, d_in): pad with zero directions
-        B = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], 1)
-        A = torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])], 0)
-    return B.to(product.dtype), A.to(product.dtype)
+__all__ = ["DecDeCAF", "ProductMean", "decaf_mix", "mix_products", "product_average", "refactor"]
 
 
 def mix_products(
@@ -79,7 +67,54 @@ def decaf_mix(weights: Sequence[float], states: Sequence[State]) -> State:
     return {n: out[n] for n in states[0]}
 
 
-class DecDeCAF(Algorithm):
+def product_average(
+    comm: Communicator, states: dict[int, State], members: Sequence[int] | None, ranks: Sequence[int]
+) -> State:
+    """The mean update over ``members`` as one rank-k LoRA pair per module, plus the mean head.
+
+    Every module's mean product ``M = mean_i B_i A_i`` goes through :func:`member_average` (so it is
+    the same on every runtime), one module at a time (at most N float64 products of one module live at
+    once), and is factored exactly at ``k = mean_rank(ranks)`` (:mod:`declora.mixing.products`).
+
+    Args:
+        ranks: r_i of each member (their sum bounds rank(M)).
+    """
+    like = next(iter(states.values()))
+    pairs = lora_pairs(like)
+    lora = {n for pair in pairs for n in pair}
+    head: State = {}
+    if len(lora) < len(like):  # the task head (and any other non-LoRA tensor): entry-wise
+        rest = {i: {n: t for n, t in s.items() if n not in lora} for i, s in states.items()}
+        head = member_average(comm, rest, members)
+    mean_products = {
+        b: member_average(comm, {i: {b: s[b].double() @ s[a].double()} for i, s in states.items()}, members)[b]
+        for b, a in pairs
+    }
+    return exact_factors(mean_products, {n: head.get(n, t) for n, t in like.items()}, mean_rank(ranks, like))
+
+
+class ProductMean:
+    """The averaged model and consensus error of product-mixing algorithms: on the products ``B A``.
+
+    ``averaged`` is the exact mean update, held as a LoRA pair of rank ``k = min(sum r_i, d)``, wider
+    than the shared model's r (its tensors still run through it: :func:`declora.model.loading.forward_with`
+    needs no fixed rank; ``adapters/average`` is saved at rank k). ``distance`` compares products.
+    """
+
+    def member_ranks(self, members: Sequence[int], like: State) -> list[int]:
+        """r_i of each member: every peer has the shared model's rank (peft.ranks overrides this)."""
+        pairs = lora_pairs(like)
+        return [like[pairs[0][1]].shape[0] if pairs else 0] * len(members)
+
+    def averaged(self, comm: Communicator, states: dict[int, State], members: Sequence[int] | None = None) -> State:
+        chosen = list(range(comm.num_clients)) if members is None else list(members)
+        return product_average(comm, states, members, self.member_ranks(chosen, next(iter(states.values()))))
+
+    def distance(self, state: State, mean: State) -> float:
+        return product_distance(state, mean)
+
+
+class DecDeCAF(ProductMean, Algorithm):
     name = "dec_decaf"
     uses_graph = True
 

@@ -13,7 +13,9 @@ import numpy as np
 
 from declora.algorithms.base import Algorithm
 from declora.algorithms.gossip import exact_gossip
+from declora.byzantine.defense import ByzantineGossip
 from declora.comm.base import Communicator, State
+from declora.config import Config
 
 
 def is_lora_A(name: str) -> bool:
@@ -24,6 +26,11 @@ def is_lora_A(name: str) -> bool:
 class DecFFALoRA(Algorithm):
     name = "dec_ffa_lora"
     uses_graph = True
+    byzantine: ByzantineGossip | None = None  # comm.robust / byzantine.*: None = plain gossip
+
+    def configure(self, cfg: Config) -> None:
+        self.byzantine = ByzantineGossip.from_config(cfg)  # the rule sees B and the head, what is mixed
+        self.excluded = frozenset(cfg.byzantine.peers)  # the reported model is the honest peers'
 
     def is_trained(self, name: str) -> bool:
         return not is_lora_A(name)
@@ -36,5 +43,5 @@ class DecFFALoRA(Algorithm):
         participants: Sequence[int] | None = None,
     ) -> tuple[dict[int, State], int]:
         sent_part = {i: {n: t for n, t in s.items() if self.is_trained(n)} for i, s in states.items()}
-        mixed, sent = exact_gossip(comm, sent_part, W)
+        mixed, sent = exact_gossip(comm, sent_part, W, self.byzantine)
         return {i: states[i] | mixed[i] for i in states}, sent

@@ -2,7 +2,8 @@
 
 With ``comm.bits < 32`` the messages are quantized (:mod:`declora.mixing.compress`), and with
 ``comm.error_feedback`` the gossip is CHOCO's (:mod:`declora.algorithms.gossip`); its public copies are this
-strategy's :meth:`state_dict`.
+strategy's :meth:`state_dict`. With ``comm.robust`` or ``byzantine.peers`` every variant mixes through
+:class:`~declora.byzantine.defense.ByzantineGossip` (robust rule, attackers' messages).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from declora.algorithms.base import Algorithm
 from declora.algorithms.gossip import ChocoGossip, QuantizedGossip, build_gossip, exact_gossip
+from declora.byzantine.defense import ByzantineGossip
 from declora.comm.base import Communicator, State
 from declora.config import Config
 
@@ -24,10 +26,15 @@ class DecLoRA(Algorithm):
     name = "dec_lora"
     uses_graph = True
     gossip: QuantizedGossip | ChocoGossip | None = None  # None: exact gossip
+    byzantine: ByzantineGossip | None = None  # None: no robust rule, no attacker (plain gossip)
 
     def configure(self, cfg: Config) -> None:
         c = cfg.comm
         self.gossip = build_gossip(c.bits, c.scale, c.rounding, c.error_feedback, c.consensus_step, seed=cfg.train.seed)
+        self.byzantine = ByzantineGossip.from_config(cfg)
+        self.excluded = frozenset(cfg.byzantine.peers)  # the reported model is the honest peers'
+        if self.gossip is not None:
+            self.gossip.byzantine = self.byzantine
 
     def set_initial_state(self, init: State) -> None:
         if isinstance(self.gossip, ChocoGossip):
@@ -48,5 +55,5 @@ class DecLoRA(Algorithm):
         participants: Sequence[int] | None = None,
     ) -> tuple[dict[int, State], int]:
         if self.gossip is None:
-            return exact_gossip(comm, states, W)
+            return exact_gossip(comm, states, W, self.byzantine)
         return self.gossip(comm, states, W)

@@ -11,6 +11,12 @@ of its neighbours. Each round client i sends ``q_i = Q(x_i - x̂_i)``; everyone 
 ``x_i <- x_i + gamma * sum_j W_ij (x̂_j - x̂_i)``. The compression error is not thrown away but sent
 again next round (it is what remains in ``x_i - x̂_i``), and with a doubly stochastic W the mean of the
 ``x_i`` is preserved exactly, whatever Q does.
+
+Byzantine peers and robust rules (``byzantine.*``, ``comm.robust``): every variant takes an optional
+:class:`~declora.byzantine.defense.ByzantineGossip`. Attackers' states are replaced by their attack
+before encoding; each client mixes what it received with the robust rule instead of :func:`mix_row`
+(CHOCO: the rule picks the target among the public copies, ``x_i += gamma (rule(x̂) - x̂_i)``, which for
+clipped_gossip is ``gamma sum_j W_ij clip(x̂_j - x̂_i)``). Without it (the default) nothing changes.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from declora.byzantine.defense import ByzantineGossip
 from declora.comm.base import Communicator, neighbors
 from declora.mixing.compress import Quantizer, State
 from declora.mixing.kernel import mix_row
@@ -29,15 +36,32 @@ def rounding_generator(seed: int, round_: int, client: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
-def exact_gossip(comm: Communicator, states: dict[int, State], W: np.ndarray) -> tuple[dict[int, State], int]:
+def exact_gossip(
+    comm: Communicator, states: dict[int, State], W: np.ndarray, byzantine: ByzantineGossip | None = None
+) -> tuple[dict[int, State], int]:
     """``X_i <- sum_j W_ij X_j`` for every local client and every tensor separately.
 
     Returns:
         The mixed local states and the bytes the local clients sent.
     """
+    if byzantine is not None:
+        return _robust_exact(comm, states, W, byzantine)
     received, sent = comm.send(states, W)
     # round_matrix is W itself unless an exchange can fail (runtime=swarm: W_t, see Communicator.round_matrix)
     mixed = {i: mix_row(comm.round_matrix(W, i, received[i]), i, received[i] | {i: own}) for i, own in states.items()}
+    return mixed, sent
+
+
+def _robust_exact(
+    comm: Communicator, states: dict[int, State], W: np.ndarray, byzantine: ByzantineGossip
+) -> tuple[dict[int, State], int]:
+    """:func:`exact_gossip` with attackers' messages and the robust rule."""
+    received, sent = comm.send(byzantine.outgoing(states, W, comm.round), W)
+    byzantine.observe(received)
+    mixed = {
+        i: byzantine.mix(comm, comm.round_matrix(W, i, received[i]), i, received[i] | {i: own})
+        for i, own in states.items()
+    }
     return mixed, sent
 
 
@@ -47,6 +71,7 @@ def compressed_gossip(
     W: np.ndarray,
     quantizer: Quantizer,
     generators: dict[int, torch.Generator] | None = None,
+    byzantine: ByzantineGossip | None = None,
 ) -> tuple[dict[int, State], int]:
     """``X_i <- W_ii X_i + sum_{j != i} W_ij Q(X_j)`` for every local client and tensor.
 
@@ -57,12 +82,17 @@ def compressed_gossip(
         The mixed local states and the bytes the local clients sent (packed payload).
     """
     generators = generators or {}
-    messages = {i: quantizer.encode(s, generators.get(i)) for i, s in states.items()}
+    outgoing = byzantine.outgoing(states, W, comm.round) if byzantine is not None else states
+    messages = {i: quantizer.encode(s, generators.get(i)) for i, s in outgoing.items()}
     received, sent = comm.send(messages, W)
+    decoded = {i: {j: quantizer.decode(m, states[i]) for j, m in received[i].items()} for i in states}
+    if byzantine is not None:
+        byzantine.observe(decoded)
     mixed: dict[int, State] = {}
     for i, own in states.items():
         Wi = comm.round_matrix(W, i, received[i])  # runtime=swarm: W_t (a failed edge's weight on the diagonal)
-        mixed[i] = mix_row(Wi, i, {j: quantizer.decode(m, own) for j, m in received[i].items()} | {i: own})
+        inbox = decoded[i] | {i: own}
+        mixed[i] = mix_row(Wi, i, inbox) if byzantine is None else byzantine.mix(comm, Wi, i, inbox)
     return mixed, sent
 
 
@@ -73,11 +103,12 @@ class QuantizedGossip:
         self.quantizer = quantizer
         self.seed = seed
         self.rounds = 0
+        self.byzantine: ByzantineGossip | None = None  # comm.robust / byzantine.*: set by the algorithm
 
     def __call__(self, comm: Communicator, states: dict[int, State], W: np.ndarray) -> tuple[dict[int, State], int]:
         self.rounds += 1
         generators = {i: rounding_generator(self.seed, self.rounds, i) for i in states}
-        return compressed_gossip(comm, states, W, self.quantizer, generators)
+        return compressed_gossip(comm, states, W, self.quantizer, generators, self.byzantine)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"rounds": torch.tensor(self.rounds)}
@@ -106,6 +137,7 @@ class ChocoGossip:
         self.reference = reference
         self.public: dict[int, dict[int, State]] = {}
         self.rounds = 0
+        self.byzantine: ByzantineGossip | None = None  # comm.robust / byzantine.*: set by the algorithm
 
     def __call__(self, comm: Communicator, states: dict[int, State], W: np.ndarray) -> tuple[dict[int, State], int]:
         """One CHOCO step for every local client; returns the new states and the bytes sent."""
@@ -115,12 +147,13 @@ class ChocoGossip:
                 ref = self.reference or {}
                 start = {n: ref[n].to(t) if n in ref else torch.zeros_like(t) for n, t in own.items()}
                 self.public[i] = {j: {n: t.clone() for n, t in start.items()} for j in [i, *neighbors(W, i)]}
+        sending = self.byzantine.outgoing(states, W, comm.round) if self.byzantine is not None else states
         messages = {
             i: self.quantizer.encode(
                 {n: own[n] - self.public[i][i][n] for n in own},
                 rounding_generator(self.seed, self.rounds, i),
             )
-            for i, own in states.items()
+            for i, own in sending.items()
         }
         received, sent = comm.send(messages, W)
         mixed: dict[int, State] = {}
@@ -130,6 +163,14 @@ class ChocoGossip:
             for j, message in inbox.items():
                 for name, q in self.quantizer.decode(message, own).items():
                     copies[j][name] += q
+            if self.byzantine is not None:
+                self.byzantine.observe({i: {j: c for j, c in copies.items() if j != i}})
+                target = self.byzantine.mix(comm, W, i, copies)  # the rule's pick among the public copies
+                mixed[i] = {
+                    n: (x.double() + self.gamma * (target[n].double() - copies[i][n].double())).to(x.dtype)
+                    for n, x in own.items()
+                }
+                continue
             mixed[i] = {}
             for name, x in own.items():
                 mine = copies[i][name].double()

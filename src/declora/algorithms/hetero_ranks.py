@@ -21,9 +21,10 @@ One consequence: AdamW's step is per entry, so in its own coordinates a low-rank
 factors ``1 / c_i`` as far per step as a stand-alone rank-r_i peft model would (the update B A moves
 about c_i times slower). With uniform ranks c_i = 1 and this path is dec_decaf exactly.
 
-**The averaged model** (what is evaluated): with uniform ranks the mean of every tensor (dec_decaf's
-own definition); with different ranks the best rank-r_max factorisation of the mean update
-``(1/N) sum_j B~_j A~_j`` (the head is averaged entry-wise).
+**The averaged model** (what is evaluated and saved as ``adapters/average``): the exact mean update
+``(1/N) sum_j B~_j A~_j`` per module, a LoRA pair of rank ``min(sum_j r_j, d)`` (the head is averaged
+entry-wise), as for dec_decaf (:class:`declora.algorithms.dec_decaf.ProductMean`); the consensus error
+is measured on the products ``B~_j A~_j``, the update times ``r_max / alpha`` whatever r_j is.
 
 Supported: ``dec_decaf`` (product mixing) and ``local`` (no mixing). Other algorithms mix A and B
 separately (dec_lora), freeze a shared A (dec_ffa_lora) or average on a server entry-wise (fedavg):
@@ -42,22 +43,18 @@ import numpy as np
 import torch
 
 from declora.algorithms.base import Algorithm
-from declora.algorithms.dec_decaf import DecDeCAF, refactor
+from declora.algorithms.dec_decaf import DecDeCAF, ProductMean
 from declora.algorithms.dec_ffa_lora import is_lora_A
 from declora.algorithms.local import LocalOnly
 from declora.comm.base import Communicator, State
 from declora.config import Config
-from declora.mixing.kernel import average_states, weighted_sum
+from declora.mixing.kernel import weighted_sum
+from declora.mixing.products import lora_pairs, refactor
 
 
 def expand_ranks(ranks: Sequence[int], clients: int) -> list[int]:
     """One rank per peer: ``ranks`` repeated cyclically over ``clients`` peers."""
     return [int(ranks[i % len(ranks)]) for i in range(clients)]
-
-
-def lora_pairs(state: State) -> list[tuple[str, str]]:
-    """``(B name, A name)`` of every LoRA module in ``state``."""
-    return [(n.replace(".lora_A.", ".lora_B."), n) for n in state if is_lora_A(n)]
 
 
 def cut(state: State, rank: int) -> State:
@@ -100,7 +97,7 @@ def mix_hetero(weights: Sequence[float], messages: Sequence[State], own: State, 
     return {n: out[n] for n in own}
 
 
-class HeteroRanks(Algorithm):
+class HeteroRanks(ProductMean, Algorithm):
     """What every algorithm does under ``peft.ranks``: per-peer init, averaged model, saved adapters.
 
     Attributes:
@@ -129,23 +126,17 @@ class HeteroRanks(Algorithm):
             out[b_name], out[a_name] = pad(short[b_name] * c, short[a_name] * c, self.r_max)
         return {n: out.get(n, t) for n, t in init.items()}
 
-    def averaged(self, comm: Communicator, states: dict[int, State]) -> State:
-        if len(set(self.ranks)) == 1:
-            return super().averaged(comm, states)
-        ordered = [states[i] for i in sorted(states)]
-        mean = average_states(ordered)
-        for b_name, a_name in lora_pairs(ordered[0]):
-            product = torch.stack([s[b_name].double() @ s[a_name].double() for s in ordered]).mean(0)
-            B, A = refactor(product, self.r_max)
-            mean[b_name], mean[a_name] = B.to(mean[b_name].dtype), A.to(mean[a_name].dtype)
-        return mean
+    def member_ranks(self, members: Sequence[int], like: State) -> list[int]:
+        return [self.ranks[i] for i in members]
 
     def finish_adapter(self, client: int, path: Path) -> None:
         """Cut the saved adapter to the peer's rank r_i, unfolded, with ``r = r_i`` in its config."""
         from safetensors.torch import load_file, save_file
 
+        from declora.rundir.layout import PEFT_CONFIG, PEFT_WEIGHTS
+
         r = self.ranks[client]
-        weights, config = path / "adapter_model.safetensors", path / "adapter_config.json"
+        weights, config = path / PEFT_WEIGHTS, path / PEFT_CONFIG
         if r == self.r_max or not weights.is_file():
             return
         c = self.fold(client)

@@ -1,4 +1,4 @@
-"""``declora eval / predict / export`` and the readable end-of-run summary (wired in :mod:`declora.cli.app`).
+"""``declora eval / predict / export / generate``: use a finished run (wired in :mod:`declora.cli.app`).
 
 Examples:
     declora eval runs/x                                  (the run's held-out split: its reported accuracy)
@@ -7,79 +7,21 @@ Examples:
     declora predict runs/x --text "a gorgeous film" --text "a waste of time"
     declora predict runs/x --file reviews.txt --json
     declora export runs/x merged/ --merge                (AutoModelForSequenceClassification.from_pretrained)
+    declora generate runs/x --prompt "The film was"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
-
-class AnnounceRunDir:
-    """A trainer callback printing the run directory once the run starts (rank 0 only)."""
-
-    def on_train_begin(self, cfg: Any, run_dir: Path) -> None:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"declora: run directory {run_dir}", file=sys.stderr, flush=True)
-
-
-def _duration(seconds: float) -> str:
-    seconds = float(seconds)
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, sec = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min {sec:02d} s" if hours else f"{minutes} min {sec:02d} s"
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """A two-column table of the headline numbers, each in its unit (%, MB, min s)."""
-    pct = lambda v: f"{100 * v:.2f} %"  # noqa: E731
-    best_on = summary.get("best_round_selected_on")
-    rows: list[tuple[str, Any, Any]] = [
-        ("algorithm", "algorithm", str),
-        ("clients", "clients", str),
-        ("topology", "topology", str),
-        ("spectral gap", "spectral_gap", lambda v: f"{v:.4g}"),
-        ("rounds x local steps", None, None),
-        ("best accuracy (held-out)", "best_accuracy", pct),
-        (f"best round{f' (on {best_on})' if best_on else ''}", "best_round", str),
-        ("final accuracy", "final_accuracy", pct),
-        ("final client accuracy (mean)", "final_client_accuracy_mean", pct),
-        ("final consensus error", "final_consensus_error", lambda v: f"{v:.3g}"),
-        ("bytes sent (total)", "total_bytes_sent", _bytes),
-        ("trainable params", "trainable_params", lambda v: f"{v:,}"),
-        ("base model", "base_model_mb", lambda v: f"{v:,.1f} MiB"),
-        ("wall time", "wall_s", _duration),
-        ("samples/s", "samples_per_s", lambda v: f"{v:,.1f}"),
-        ("peak RSS", "peak_rss_mb", lambda v: f"{v:,.0f} MB"),
-        ("run dir", "run_dir", str),
-    ]
-    out = []
-    for label, key, fmt in rows:
-        if key is None:
-            out.append((label, f"{summary.get('rounds')} x {summary.get('local_steps')}"))
-            continue
-        value = summary.get(key)
-        out.append((label, "-" if value is None else fmt(value)))
-    width = max(len(r[0]) for r in out)
-    return "\n".join(f"  {label:<{width}}  {value}" for label, value in out)
+from declora.errors import ConfigError
+from declora.quiet import quiet_libraries
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from declora.cli.app import quiet_libraries
     from declora.inference import evaluate_run
 
     quiet_libraries()
@@ -94,16 +36,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+_TABLES = (".tsv", ".csv", ".jsonl", ".json", ".parquet")  # read in the run's text column (inference.read_texts)
+
+
+def check_predict_inputs(texts: list[str] | None, file: str | None) -> None:
+    """``declora predict``'s texts, checked before torch or the model loads.
+
+    Raises:
+        ConfigError: no text at all, an empty (or blank) ``--text``, or a ``--file`` that is not a
+            readable file.
+    """
+    if not texts and not file:
+        raise ConfigError("predict: give --text TEXT (repeatable) or --file FILE")
+    for i, text in enumerate(texts or [], 1):
+        if not text.strip():
+            raise ConfigError(f"predict: --text number {i} is empty; give the text to label, e.g. --text 'a fine film'")
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"--file {file}: no such file; give a file of texts (one per line, or .tsv/.csv/.jsonl)")
+        try:
+            text = path.read_text(encoding="utf-8") if path.suffix not in _TABLES else None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--file {file}: cannot be read as UTF-8 text ({err}); give a text file") from None
+        if text is not None and not text.strip():
+            raise ConfigError(f"--file {file}: holds no text (one text per line); give a file with texts")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from declora.cli.app import quiet_libraries
-    from declora.config import ConfigError
+    check_predict_inputs(args.text, args.file)
     from declora.inference import load_run, predict, read_texts
 
-    if not args.text and not args.file:
-        raise ConfigError("predict: give --text TEXT (repeatable) or --file FILE")
     quiet_libraries()
     lr = load_run(args.run_dir, args.adapter)
     texts = list(args.text or []) + (read_texts(args.file, lr) if args.file else [])
+    if not texts:
+        raise ConfigError(f"--file {args.file}: holds no text to label")
     for p in predict(lr, texts):
         if args.json:
             print(json.dumps(p))
@@ -114,7 +82,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from declora.cli.app import quiet_libraries
     from declora.inference import export
 
     quiet_libraries()
@@ -124,8 +91,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from declora.evaluation.causal import generate_from_run
+
+    quiet_libraries()
+    prompt, text = generate_from_run(args.run_dir, args.prompt, args.max_new_tokens, args.adapter, args.raw)
+    print(prompt + text)
+    return 0
+
+
 def add_run_commands(sub: Any) -> None:
-    """Register ``eval``, ``predict`` and ``export`` on the ``declora`` subparsers."""
+    """Register ``eval``, ``predict``, ``export`` and ``generate`` on the ``declora`` subparsers."""
     adapter_help = "adapters/<name>: average (default), best (validation-selected) or client_<i>"
     p = sub.add_parser("eval", help="accuracy and loss of a run's saved adapter on any split or data folder")
     p.add_argument("run_dir", help="a run directory (config.yaml + adapters/)")
@@ -152,25 +128,10 @@ def add_run_commands(sub: Any) -> None:
     p.add_argument("--merge", action="store_true", help="merge LoRA into the base: loads with AutoModelFor...")
     p.set_defaults(func=cmd_export)
 
-
-# `declora partition`'s flags for the dotted options its errors would name.
-_PARTITION_FLAGS = {
-    "data.path=": "--data-path ",
-    "data.path": "--data-path",
-    "data.label_column": "--label-column",
-    "data.text_column": "--text-column",
-    "data.max_train_examples": "--max-train-examples",
-    "data.task": "--task",
-    "train.clients": "--clients",
-    "partition.alpha": "--alpha",
-    "partition.min_partition_size": "--min-partition-size",
-    "partition.proportions": "--proportions",
-    "partition.shards_per_client": "--shards-per-client",
-}
-
-
-def partition_flag_hints(message: str) -> str:
-    """``message`` with each dotted option replaced by the ``declora partition`` flag that sets it."""
-    for option, flag in _PARTITION_FLAGS.items():
-        message = message.replace(option, flag)
-    return message
+    p = sub.add_parser("generate", help="continue a prompt with a causal_lm run's base model + saved adapter")
+    p.add_argument("run_dir", help="a finished run directory of model.task_type=causal_lm")
+    p.add_argument("--prompt", required=True, help="the text; put into the run's data.template unless --raw")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (greedy)")
+    p.add_argument("--adapter", default="average", help="adapters/<name>: average or client_<i>")
+    p.add_argument("--raw", action="store_true", help="use --prompt as is, without the run's template")
+    p.set_defaults(func=cmd_generate)

@@ -2,7 +2,8 @@
 
 Both keep :class:`~declora.data.loading.BatchStream`'s interface (``next``, ``state``, ``load_state``), so a
 client swaps its stream and resumes exactly. Seeds come from ``(train.seed, peer, draw)``, or from the
-OS's entropy with ``privacy.secure_rng=true``.
+OS's entropy with ``privacy.secure_rng=true``. :func:`physical_chunks` cuts a drawn (logical) batch into
+the physical chunks that one forward/backward pass holds (``privacy.physical_batch_size``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import secrets
 
 import numpy as np
+import torch
 
 from declora.data.loading import BatchStream
 
@@ -61,3 +63,28 @@ class ShuffleStream(BatchStream):
             self.epoch, self.pos = self.epoch + 1, 0
             self._perm = self._permutation()
         return super().next()
+
+
+def physical_chunks(batch: dict[str, torch.Tensor], size: int | None) -> list[dict[str, torch.Tensor]]:
+    """A logical batch cut into physical chunks of at most ``size`` examples (Opacus' BatchMemoryManager).
+
+    ``size=None`` returns the batch itself (one pass, today's arithmetic bit for bit). Otherwise the
+    examples are ordered by length (longest first) before cutting, and each chunk keeps only its own
+    longest example's columns (collate pads on the right), so short sentences stop paying for the
+    batch's longest one. The order of examples in a logical batch changes nothing but float rounding:
+    DP-SGD sums their clipped gradients, and the batch itself was drawn without looking at the data.
+    """
+    rows = len(batch["input_ids"])
+    if size is None or rows == 0:
+        return [batch]
+    width = batch["input_ids"].shape[1]
+    lengths = batch["attention_mask"].sum(1) if "attention_mask" in batch else torch.full((rows,), width)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    chunks = []
+    for start in range(0, rows, size):
+        idx = order[start : start + size]
+        keep = int(lengths[idx].max())
+        chunks.append(
+            {k: (v[idx, :keep] if v.dim() == 2 and v.shape[1] == width else v[idx]) for k, v in batch.items()}
+        )
+    return chunks

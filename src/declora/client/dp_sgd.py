@@ -15,11 +15,18 @@
    coordinate, and divides by the expected batch size ``train.batch_size``. The optimizer (AdamW/SGD,
    its state, weight decay, the lr schedule) then only post-processes that noisy gradient.
 
+**Physical batches** (``privacy.physical_batch_size``, Opacus' BatchMemoryManager): step 2-3 run on
+chunks of at most that many examples of the drawn batch, and the clipped sums are added up; the noise
+(3) is drawn once and the accountant steps once per *logical* batch, so memory is that of a chunk and
+the privacy and the update are those of the whole batch. ``train.grad_accumulation > 1`` is refused
+under DP (it would noise every micro-batch: sqrt(accumulation) times the noise per optimizer step);
+a larger ``train.batch_size`` with a physical batch is the same memory at less noise.
+
 **Accounting.** Every step is one Poisson-subsampled Gaussian mechanism with ``(sigma, q_i)``; Opacus'
 ``RDPAccountant`` or ``PRVAccountant`` (``privacy.accountant``) composes them. ``sigma`` is
 ``privacy.noise_multiplier``, or the smallest found by Opacus' ``get_noise_multiplier`` (tolerance
-0.01) that keeps peer i's epsilon after its *planned* steps (rounds it takes part in x steps per round x
-``train.grad_accumulation``) at or below ``privacy.target_epsilon``; peers of different sizes get
+0.01) that keeps peer i's epsilon after its *planned* steps (rounds it takes part in x steps per round)
+at or below ``privacy.target_epsilon``; peers of different sizes get
 different sigmas. Stragglers and offline rounds only take fewer steps, so the final epsilon stays below.
 
 **The guarantee** (``poisson=true``, ``secure_rng=true``): for each peer i, everything peer i sends over
@@ -32,8 +39,9 @@ messages; so mixing (exact, compressed or CHOCO gossip, DeCAF's re-factoring) ad
 epsilon, and a neighbour's messages consume none of peer i's budget. We claim no amplification from
 decentralization (an adversary that sees only some edges would get a smaller epsilon; see
 arXiv 2510.17480) nor from FedAvg's client sampling (seeded, so public). ``centralized`` is plain
-DP-LoRA on the pooled data, record-level over the pool. Not covered: ``train_loss`` and anything
-else computed on the training data and logged (under ``runtime=distributed`` the training losses are
+DP-LoRA on the pooled data, record-level over the pool. Not covered: ``train_loss``, the clipping
+statistics (``grad_norm_median``/``_p90``, ``clipped_fraction``) and anything else computed on the
+training data and logged (under ``runtime=distributed`` the training losses are
 gathered to rank 0 for ``metrics.jsonl``), the partition's label counts in ``summary.json``, and
 floating-point side channels of the Gaussian sampler (Opacus' secure mode addresses these; we do not).
 ``n_i`` is treated as public.
@@ -53,7 +61,7 @@ reduced in another order; tests/test_privacy.py).
 from __future__ import annotations
 
 import importlib.util
-import warnings
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,8 +69,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from declora.client.dp_batches import PoissonStream, ShuffleStream, rng_seed
+from declora.client.dp_accounting import accountant as _accountant
+from declora.client.dp_accounting import calibrate, epsilon_of
+from declora.client.dp_batches import PoissonStream, ShuffleStream, physical_chunks, rng_seed
 from declora.config import Config, ConfigError, PrivacyConfig
+
+__all__ = ["PeerPrivacy", "attach", "calibrate", "epsilon_of", "metrics", "summary"]
 from declora.types import State
 
 _NOISE = 0xD9  # keeps the noise stream apart from other seeds
@@ -118,46 +130,6 @@ def clip_and_sum(grads: State, clip: float) -> tuple[State, torch.Tensor]:
     return {n: torch.einsum("b,b...->...", factor, g) for n, g in grads.items()}, norms
 
 
-def _accountant(name: str) -> Any:
-    from opacus.accountants import create_accountant
-
-    return create_accountant(mechanism=name)
-
-
-def epsilon_of(accountant: Any, delta: float) -> float:
-    """Epsilon spent so far (0 before any step; infinite for a step without noise)."""
-    if not accountant.history:
-        return 0.0
-    if any(sigma == 0 for sigma, _, _ in accountant.history):
-        return float("inf")
-    with warnings.catch_warnings():  # RDP warns when the best order is at the end of its grid
-        warnings.simplefilter("ignore")
-        return float(accountant.get_epsilon(delta=delta))
-
-
-def calibrate(cfg: PrivacyConfig, q: float, steps: int) -> float:
-    """``privacy.noise_multiplier``, or the sigma that spends at most ``target_epsilon`` in ``steps``."""
-    if cfg.noise_multiplier is not None:
-        return cfg.noise_multiplier
-    from opacus.accountants.utils import get_noise_multiplier
-
-    assert cfg.target_epsilon is not None
-    try:
-        with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" at large sigmas
-            warnings.simplefilter("ignore")
-            return float(
-                get_noise_multiplier(
-                    target_epsilon=cfg.target_epsilon,
-                    target_delta=cfg.delta,
-                    sample_rate=q,
-                    steps=max(steps, 1),
-                    accountant=cfg.accountant,
-                )
-            )
-    except ValueError:
-        raise ConfigError(f"privacy.target_epsilon={cfg.target_epsilon} cannot be reached: raise it") from None
-
-
 @dataclass
 class PeerPrivacy:
     """One peer's DP-SGD: its clipping bound, noise multiplier, sampling rate and accountant."""
@@ -173,20 +145,42 @@ class PeerPrivacy:
     causal: bool = False
     steps: int = 0  # DP steps taken (= the accountant's steps; numbers the noise generator too)
     accountant: Any = field(init=False)
+    norms: list[torch.Tensor] = field(init=False, default_factory=list)  # per-example norms since clip_stats()
 
     def __post_init__(self) -> None:
         self.accountant = _accountant(self.cfg.accountant)
 
+    def clipped_sum(
+        self, model: nn.Module, params: State, batch: dict[str, torch.Tensor]
+    ) -> tuple[State, torch.Tensor, torch.Tensor]:
+        """The sum over the batch of the clipped per-example gradients, in physical chunks.
+
+        Returns:
+            ``(summed, losses, norms)``: name -> summed clipped gradient, and the (B,) per-example losses
+            and gradient norms before clipping (in chunk order).
+        """
+        summed: State = {}
+        losses, norms = [], []
+        for chunk in physical_chunks(batch, self.cfg.physical_batch_size):
+            grads, chunk_losses = per_example_grads(model, params, chunk, self.causal)
+            part, chunk_norms = clip_and_sum(grads, self.cfg.max_grad_norm)
+            del grads  # the (chunk, *shape) per-example gradients: the memory a physical batch bounds
+            summed = part if not summed else {n: summed[n] + g for n, g in part.items()}
+            losses.append(chunk_losses)
+            norms.append(chunk_norms)
+        return summed, torch.cat(losses), torch.cat(norms)
+
     def loss(self, model: nn.Module, params: State, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's mean loss as a surrogate whose ``backward()`` sets every trained tensor's ``.grad``
         to the clipped, noised gradient (exactly: d/dp sum(p * g) = g), so the caller's backward, loss
-        scaling, accumulation and optimizer step run unchanged. An empty Poisson batch has loss 0."""
+        scaling and optimizer step run unchanged. One call = one logical batch = one noise draw and one
+        accountant step, whatever ``privacy.physical_batch_size``. An empty Poisson batch has loss 0."""
         trained = {n: p for n, p in params.items() if p.requires_grad}
         device = next(iter(trained.values())).device
         if len(batch["input_ids"]):
-            grads, losses = per_example_grads(model, params, batch, self.causal)
-            summed, _ = clip_and_sum(grads, self.cfg.max_grad_norm)
+            summed, losses, norms = self.clipped_sum(model, params, batch)
             value = losses.float().mean()
+            self.norms.append(norms.detach().float().cpu())
         else:
             summed, value = {n: torch.zeros_like(p) for n, p in trained.items()}, torch.zeros((), device=device)
         std = self.sigma * self.cfg.max_grad_norm
@@ -201,6 +195,15 @@ class PeerPrivacy:
         self.accountant.step(noise_multiplier=self.sigma, sample_rate=self.q)
         self.steps += 1
         return surrogate - surrogate.detach() + value
+
+    def clip_stats(self) -> tuple[float, float, float]:
+        """(median, 90th percentile) of the per-example gradient norms since the last call, and the
+        fraction of those examples that were clipped (norm > C); NaNs when no example was seen. Resets."""
+        norms, self.norms = (torch.cat(self.norms) if self.norms else torch.zeros(0)), []
+        if not len(norms):
+            return math.nan, math.nan, math.nan
+        median, p90 = torch.quantile(norms.double(), torch.tensor([0.5, 0.9], dtype=torch.float64)).tolist()
+        return median, p90, float((norms > self.cfg.max_grad_norm).double().mean())
 
     def epsilon(self) -> float:
         return epsilon_of(self.accountant, self.cfg.delta)
@@ -219,9 +222,10 @@ class PeerPrivacy:
 
 
 def planned_steps(cfg: Config, algorithm: Any, cid: int) -> int:
-    """DP steps peer ``cid`` will take: rounds it takes part in x steps per round x grad accumulation."""
+    """DP steps peer ``cid`` will take: rounds it takes part in x steps per round (one noised logical batch
+    per optimizer step; train.grad_accumulation > 1 is refused under DP by the config)."""
     tc = cfg.train
-    per_round = algorithm.steps_per_round(tc) * getattr(tc, "grad_accumulation", 1)
+    per_round = algorithm.steps_per_round(tc)
     return per_round * sum(cid in algorithm.participants(t, tc) for t in range(1, tc.rounds + 1))
 
 
@@ -250,13 +254,27 @@ def attach(cfg: Config, algorithm: Any, parts: list[np.ndarray], clients: dict[i
     return clients
 
 
+CLIP_KEYS = ("grad_norm_median", "grad_norm_p90", "clipped_fraction")
+
+
 def metrics(clients: dict[int, Any], comm: Any) -> dict[str, Any]:
-    """``epsilon`` (max over all peers) and ``epsilon_per_peer`` for a metrics row; {} without DP."""
-    mine = {i: c.privacy.epsilon() for i, c in clients.items() if getattr(c, "privacy", None) is not None}
+    """A metrics row's privacy keys ({} without DP): ``epsilon`` (max over all peers), ``epsilon_per_peer``,
+    and what clipping did since the previous row: each peer's median and 90th percentile of its per-example
+    gradient norms and the fraction of its examples clipped (``<key>_per_peer``; null for a peer that saw
+    no example), and their mean over the peers (``<key>``, the scalar that trackers plot)."""
+    mine = {i: c.privacy for i, c in clients.items() if getattr(c, "privacy", None) is not None}
     if not mine:
         return {}
-    every = comm.gather(mine)
-    return {"epsilon": max(every.values()), "epsilon_per_peer": [every[i] for i in sorted(every)]}
+    every = comm.gather({i: p.epsilon() for i, p in mine.items()})
+    row: dict[str, Any] = {"epsilon": max(every.values()), "epsilon_per_peer": [every[i] for i in sorted(every)]}
+    stats = {i: p.clip_stats() for i, p in mine.items()}
+    for k, key in enumerate(CLIP_KEYS):
+        gathered = comm.gather({i: s[k] for i, s in stats.items()})
+        values = [gathered[i] if math.isfinite(gathered[i]) else None for i in sorted(gathered)]
+        seen = [v for v in values if v is not None]
+        row[key] = float(np.mean(seen)) if seen else None
+        row[f"{key}_per_peer"] = values
+    return row
 
 
 def summary(clients: dict[int, Any], comm: Any, cfg: Config) -> dict[str, Any]:

@@ -7,7 +7,9 @@ shapes and dtypes) and against what it expects (who, which round) before anythin
 
 - wrong names, shapes or dtypes, or a payload whose size disagrees with the header;
 - a non-finite value in any floating tensor (NaN or inf);
-- a stale (or future) round, or a sender other than the neighbour it came from.
+- a stale (or future) round, or a sender other than the neighbour it came from;
+- where the transport binds messages to a run and a receiver (the swarm does): a message of another run
+  (its config fingerprint differs) or addressed to another client, so a replayed message is named.
 
 Any of these raises :class:`MessageRejected`, whose one-line message names the sender and the round; the
 caller logs it and treats the edge as failed for that round. Used by the swarm runtime; the header and
@@ -47,10 +49,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def make_header(message: Message, sender: int, round_: int) -> dict[str, Any]:
-    """The header of ``message``: sender, round, and each tensor's name, shape and dtype (name order)."""
+def make_header(
+    message: Message, sender: int, round_: int, run: str | None = None, receiver: int | None = None
+) -> dict[str, Any]:
+    """The header of ``message``: sender, round, and each tensor's name, shape and dtype (name order);
+    with ``run`` (a config fingerprint) and ``receiver``, the message is bound to them as well."""
     names = sorted(message)
-    return {
+    header = {
         "v": HEADER_VERSION,
         "sender": int(sender),
         "round": int(round_),
@@ -58,6 +63,11 @@ def make_header(message: Message, sender: int, round_: int) -> dict[str, Any]:
         "shapes": [list(message[n].shape) for n in names],
         "dtypes": [_dtype_name(message[n].dtype) for n in names],
     }
+    if run is not None:
+        header["run"] = run
+    if receiver is not None:
+        header["to"] = int(receiver)
+    return header
 
 
 def encode(message: Message) -> bytes:
@@ -88,7 +98,15 @@ def check_finite(state: Message) -> list[str]:
     return [n for n in sorted(state) if state[n].is_floating_point() and not bool(torch.isfinite(state[n]).all())]
 
 
-def receive(header: dict[str, Any], payload: bytes, like: Message, sender: int, round_: int) -> Message:
+def receive(
+    header: dict[str, Any],
+    payload: bytes,
+    like: Message,
+    sender: int,
+    round_: int,
+    run: str | None = None,
+    receiver: int | None = None,
+) -> Message:
     """Check a received message against what is expected and return its tensors.
 
     Args:
@@ -97,6 +115,8 @@ def receive(header: dict[str, Any], payload: bytes, like: Message, sender: int, 
         like: the receiver's own message of this round (names, shapes, dtypes and device to match).
         sender: the client id the message must come from.
         round_: the round it must belong to.
+        run: if given, the run fingerprint the message must carry.
+        receiver: if given, the client id the message must be addressed to.
 
     Raises:
         MessageRejected: naming the sender and the round, for any mismatch or non-finite value.
@@ -106,6 +126,10 @@ def receive(header: dict[str, Any], payload: bytes, like: Message, sender: int, 
         raise MessageRejected(sender, round_, f"it claims to come from client {claimed}")
     if header.get("round") != round_:
         raise MessageRejected(sender, round_, f"stale or future round {header.get('round')} (expected {round_})")
+    if run is not None and header.get("run") != run:
+        raise MessageRejected(sender, round_, f"a message of another run ({header.get('run')}, this run is {run})")
+    if receiver is not None and header.get("to") != receiver:
+        raise MessageRejected(sender, round_, f"addressed to client {header.get('to')}, not {receiver}")
     expected = make_header(like, sender, round_)
     for key in ("names", "shapes", "dtypes"):
         if header.get(key) != expected[key]:

@@ -35,12 +35,15 @@ import numpy as np
 import torch
 
 from declora.comm.base import Communicator, Message, State, message_bytes, neighbors
+from declora.comm.swarm_fingerprint import Fingerprint
 from declora.comm.swarm_net import Allowlist, SwarmNode, say_to_stderr
+from declora.comm.swarm_records import CLOCK_TOLERANCE_S, Record
 from declora.config import Config, ConfigError
 from declora.fault_injection import poisoned
 from declora.mixing.kernel import average_states
 from declora.mixing.live import local_row
-from declora.rundir.layout import atomic_write_bytes, atomic_write_text
+from declora.rundir import layout
+from declora.rundir.files import atomic_write_bytes, atomic_write_text
 
 
 class SwarmCommunicator(Communicator):
@@ -54,24 +57,31 @@ class SwarmCommunicator(Communicator):
             raise ConfigError("runtime=swarm needs out_dir (each peer writes its own run directory): set out_dir=DIR")
         self.num_clients, self.client = workers, sc.client_id
         self.local_clients, self.rank = [self.client], 0
-        self.dir = Path(cfg.out_dir) / "swarm"
+        self.dir = layout.swarm_dir(cfg.out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.say = say_to_stderr(self.client)
         W = Topology.from_config(cfg.topology, workers, cfg.train.seed).W if workers > 1 else np.eye(1)
         self.graph = neighbors(W, self.client)
         allow = Allowlist.load(sc.allowlist_file) if sc.allowlist_file else None
-        identity = Path(sc.identity_path) if sc.identity_path else self.dir / "identity.key"
+        identity = Path(sc.identity_path).expanduser() if sc.identity_path else self.dir / layout.SWARM_IDENTITY
         identity.parent.mkdir(parents=True, exist_ok=True)
-        self.node = SwarmNode(self.client, self.graph, sc, identity, allow, self.say)
+        self.run = Fingerprint.of(cfg)
+        rounds = cfg.train.rounds
+        self.node = SwarmNode(self.client, self.graph, sc, identity, allow, self.say, self.run, workers, rounds)
         maddrs = self.node.start()
         self.peer_id = self.node.peer_id
         if allow is not None and not allow.allows(self.peer_id, self.client):
             self.say(f"warning: this peer's ID {self.peer_id} is not on swarm.allowlist_file: others will refuse it")
-        atomic_write_text(self.dir / "address.txt", "\n".join([self.peer_id, *maddrs]) + "\n")
-        print(
-            f"declora peer: client {self.client} is peer {self.peer_id}; join with swarm.initial_peers=[{maddrs[0]}]",
-            flush=True,
-        )
+        atomic_write_text(self.dir / layout.SWARM_ADDRESS, "\n".join([self.peer_id, *maddrs]) + "\n")
+        join = f"swarm.initial_peers=[{maddrs[0]}]" if maddrs else "(no address: check swarm.host)"
+        if sc.initial_peers:
+            print(f"declora peer: client {self.client} is peer {self.peer_id}; others may join with {join}", flush=True)
+        else:
+            print(
+                f"declora peer: client {self.client} is peer {self.peer_id} and starts a new swarm (no "
+                f"swarm.initial_peers); the other peers join with {join} (run {self.run.digest})",
+                flush=True,
+            )
         self.startup_timeout_s = sc.startup_timeout_s
         self.absent: set[int] = set()
         self.clients: dict[int, Any] = {}
@@ -90,16 +100,45 @@ class SwarmCommunicator(Communicator):
         if self._barriers > 1:
             return
         self.node.set_finished(0)  # loaded: "at round 0"
-        start = time.monotonic()
+        start = beat = time.monotonic()
+        next_clock = start + 3.0  # a neighbour not seen after 3 s: is it a clock the DHT cannot tolerate?
         while True:
             records = self.node.records()
             missing = [j for j in self.graph if j not in records or records[j].round < 0]
+            waiting = [j for j in missing if j not in self.node.mismatched]  # another experiment: not waited for
             waited = time.monotonic() - start
-            if not missing or waited > self.startup_timeout_s:
+            if not waiting or waited > self.startup_timeout_s:
                 break
+            if time.monotonic() > next_clock:
+                next_clock = float("inf") if self.check_clocks() else time.monotonic() + 10.0
+            if time.monotonic() - beat >= 30:
+                beat = time.monotonic()
+                self.say(f"waiting for neighbours {waiting} ({waited:.0f} s of swarm.startup_timeout_s)")
             time.sleep(0.3)
         if missing:
             self.say(f"neighbours {missing} not in the swarm after {waited:.0f} s; starting without them")
+
+    def check_clocks(self) -> bool:
+        """Ask the peers this one is connected to for their time; one line per peer whose clock is off by more
+        than the DHT tolerates (records would then look forged or expired). True once a peer answered."""
+        try:
+            peers = self.node.call(self.node.p2p.list_peers(), timeout=10)
+        except Exception:  # noqa: BLE001 - a diagnosis only
+            return False
+        answered = False
+        for info in peers[:8]:
+            rec = Record(-1, info.peer_id.to_base58(), 0, tuple(str(m) for m in info.addrs))
+            try:
+                offset = self.node.clock_offset(rec)
+            except Exception:  # noqa: BLE001 - not a declora peer, or not allowed: no diagnosis from it
+                continue
+            answered = True
+            if abs(offset) > CLOCK_TOLERANCE_S:
+                self.say(
+                    f"this machine's clock is {abs(offset):.0f} s {'behind' if offset > 0 else 'ahead of'} peer "
+                    f"{rec.peer}'s; the swarm's DHT tolerates {CLOCK_TOLERANCE_S:g} s: sync both clocks (NTP)"
+                )
+        return answered
 
     def join(self, done: Any, clients: dict[int, Any]) -> Any:
         """Catch up with the swarm: the round to continue after, and (newcomer) a start from the neighbours.
@@ -165,7 +204,7 @@ class SwarmCommunicator(Communicator):
             "exchange_s": round(time.monotonic() - t0, 3),
             "time": time.time(),
         }
-        with (self.dir / "live.jsonl").open("a") as f:
+        with (self.dir / layout.SWARM_LIVE).open("a") as f:
             f.write(json.dumps(row) + "\n")
         return {self.client: received}
 
@@ -196,5 +235,5 @@ class SwarmCommunicator(Communicator):
         if self.latest is not None:
             buffer = io.BytesIO()
             torch.save({"client": self.client, "round": self.round, "state": self.latest}, buffer)
-            atomic_write_bytes(self.dir / "state.pt", buffer.getvalue())
+            atomic_write_bytes(self.dir / layout.SWARM_STATE, buffer.getvalue())
         self.node.shutdown()

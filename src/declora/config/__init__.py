@@ -10,6 +10,7 @@ Example:
     (4, 'complete')
 """
 
+from declora.config.byzantine import ByzantineConfig
 from declora.config.dataset import DataConfig, PartitionConfig
 from declora.config.loading import config_help, load_config, to_yaml
 from declora.config.model import ModelConfig, PeftConfig
@@ -19,6 +20,7 @@ from declora.config.training import CommConfig, EvalConfig, TopologyConfig, Trai
 from declora.errors import ConfigError
 
 __all__ = [
+    "ByzantineConfig",
     "CommConfig",
     "Config",
     "ConfigError",

@@ -16,7 +16,10 @@ rounds,offline
 4-,3
 ```
 
-Entries add up (a peer is offline in a round if any entry says so). The file is read and checked when
+Entries add up (a peer is offline in a round if any entry says so). Membership follows from them: a
+peer offline from round R on for good has *left* at R, one offline in every round 1..t has *not joined*
+by t; every other offline round is a temporary outage (:meth:`Schedule.left`,
+:meth:`Schedule.not_joined`, used by :meth:`declora.mixing.churn.Churn.members`). The file is read and checked when
 the config is loaded, so a peer id >= N or a round < 1 stops the run before any model is loaded.
 """
 
@@ -55,6 +58,25 @@ class Schedule:
             if o.first <= round_ and (o.last is None or round_ <= o.last):
                 out |= o.peers
         return frozenset(out)
+
+    def left(self, round_: int) -> frozenset[int]:
+        """Peers that left for good by ``round_``: offline in ``round_`` and in every later round.
+
+        After the last round any entry names, only open-ended entries (``R-``) are in force, so the
+        rounds from ``round_`` to one past that one decide it.
+        """
+        horizon = max([round_, *(o.last if o.last is not None else o.first for o in self.outages)]) + 1
+        gone = set(self.offline(round_))
+        for r in range(round_ + 1, horizon + 1):
+            gone &= self.offline(r)
+        return frozenset(gone)
+
+    def not_joined(self, round_: int) -> frozenset[int]:
+        """Peers that have not joined by ``round_``: offline in every round from 1 to ``round_``."""
+        waiting = set(self.offline(1))
+        for r in range(2, round_ + 1):
+            waiting &= self.offline(r)
+        return frozenset(waiting)
 
 
 def _fail(path: str | Path, what: str) -> ConfigError:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from declora.config.byzantine import ByzantineConfig, check_byzantine
 from declora.config.dataset import DataConfig, PartitionConfig
 from declora.config.fields import _check_finite, _choice, _f
 from declora.config.model import ModelConfig, PeftConfig
 from declora.config.runtime import PrivacyConfig, SwarmConfig
-from declora.config.training import CommConfig, EvalConfig, TopologyConfig, TrainConfig
+from declora.config.training import CommConfig, EvalConfig, TopologyConfig, TrainConfig, check_batch_clients
 from declora.errors import ConfigError
 
 
@@ -29,6 +30,7 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    byzantine: ByzantineConfig = field(default_factory=ByzantineConfig)
     runtime: str = _f(
         "simulation",
         "simulation: all clients in this process; distributed: one process per client over torch.distributed "
@@ -72,6 +74,8 @@ class Config:
         _check_task_type(self)
         _check_churn_and_ranks(self)
         _check_privacy(self)
+        check_batch_clients(self)  # train.batch_clients=true where it cannot run
+        check_byzantine(self)  # attackers and robust rules against clients, algorithm, task
         if (self.comm.bits != 32 or self.comm.error_feedback) and self.train.algorithm != "dec_lora":
             raise ConfigError(
                 f"comm.bits/comm.error_feedback compress dec_lora's gossip; train.algorithm={self.train.algorithm} "
@@ -162,4 +166,10 @@ def _check_privacy(cfg: Config) -> None:
     if getattr(cfg.data, "group_by_length", False):
         raise ConfigError(
             "privacy.mechanism=dp_sgd needs data.group_by_length=false (batches must not depend on the data)"
+        )
+    if cfg.train.grad_accumulation > 1:  # each micro-batch would be its own noised, accounted step
+        b, k = cfg.train.batch_size, cfg.train.grad_accumulation
+        raise ConfigError(
+            f"privacy.mechanism=dp_sgd noises every micro-batch of train.grad_accumulation={k}: use "
+            f"train.batch_size={b * k} privacy.physical_batch_size={b} (one noise draw per optimizer step)"
         )

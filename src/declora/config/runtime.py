@@ -29,6 +29,11 @@ class PrivacyConfig:
         "which the accountant assumes; false = shuffled fixed-size batches, accounted as if Poisson.",
     )
     accountant: str = _f("rdp", "dp_sgd: Opacus accountant, rdp (Renyi DP) or prv (tighter, slower).")
+    physical_batch_size: int | None = _f(
+        None,
+        "dp_sgd: examples per forward/backward pass; a drawn (logical) batch runs in chunks of at most this many, "
+        "then is noised and accounted once (memory of a chunk, noise of the batch); null = the whole batch at once.",
+    )
     secure_rng: bool = _f(
         False,
         "dp_sgd: draw noise and batches from OS entropy (not reproducible) instead of train.seed; a guarantee "
@@ -39,6 +44,7 @@ class PrivacyConfig:
         _choice("privacy.mechanism", self.mechanism, ("none", "dp_sgd"))
         _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
         _positive("privacy.max_grad_norm", self.max_grad_norm)
+        _int_at_least("privacy.physical_batch_size", self.physical_batch_size, 1, optional=True)
         if self.noise_multiplier is not None:
             _positive("privacy.noise_multiplier", self.noise_multiplier, allow_zero=True)
         if self.target_epsilon is not None:
@@ -46,8 +52,10 @@ class PrivacyConfig:
         if not 0.0 < self.delta < 1.0:
             raise ConfigError(f"privacy.delta={self.delta} must be in (0, 1), e.g. 1e-5")
         sigma, target = self.noise_multiplier is not None, self.target_epsilon is not None
-        if self.mechanism == "none" and (sigma or target):
-            raise ConfigError("privacy.noise_multiplier/target_epsilon need privacy.mechanism=dp_sgd; set it")
+        if self.mechanism == "none" and (sigma or target or self.physical_batch_size is not None):
+            raise ConfigError(
+                "privacy.noise_multiplier/target_epsilon/physical_batch_size need privacy.mechanism=dp_sgd; set it"
+            )
         if self.mechanism == "dp_sgd" and sigma == target:
             raise ConfigError("privacy.mechanism=dp_sgd: set exactly one of privacy.noise_multiplier, target_epsilon")
 
@@ -64,12 +72,25 @@ class SwarmConfig:
         [], "runtime=swarm: public multiaddrs to announce (behind NAT with a forwarded port); [] = what libp2p sees."
     )
     use_relay: bool = _f(True, "runtime=swarm: allow reaching peers behind NAT through libp2p circuit relays.")
+    relay_service: bool = _f(
+        False, "runtime=swarm: serve as a circuit relay for peers behind NAT (off: no stranger relays through it)."
+    )
     use_auto_relay: bool = _f(False, "runtime=swarm: behind NAT yourself: find a relay to become reachable.")
     identity_path: str | None = _f(
         None, "runtime=swarm: key file fixing this peer's ID (created if missing); null = <out_dir>/swarm/identity.key"
     )
     allowlist_file: str | None = _f(
         None, "runtime=swarm: allowed peer IDs, one 'PEER_ID [CLIENT_ID]' per line; null = anyone may join (testing)."
+    )
+    open: bool = _f(
+        False,
+        "runtime=swarm: allow listening on a non-loopback swarm.host without swarm.allowlist_file (anyone who "
+        "reaches the port may then join as any client).",
+    )
+    straggler_wait_s: float = _f(
+        10.0,
+        "runtime=swarm: a neighbour that missed 3 of its last 4 rounds is waited for at most this long per round "
+        "(instead of round_timeout_s) until it exchanges in time again.",
     )
     round_timeout_s: float = _f(
         120.0, "runtime=swarm: per-round deadline after the local steps; neighbours not exchanged by then are skipped."
@@ -86,7 +107,14 @@ class SwarmConfig:
         _int_at_least("swarm.client_id", self.client_id, 0)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"swarm.port={self.port} must be in 0..65535 (0 = any free port)")
-        for name in ("round_timeout_s", "startup_timeout_s", "record_ttl_s"):
+        for name in ("round_timeout_s", "startup_timeout_s", "record_ttl_s", "straggler_wait_s"):
             _positive(f"swarm.{name}", getattr(self, name))
+        loopback = self.host == "localhost" or self.host.startswith("127.") or self.host == "::1"
+        if not loopback and self.allowlist_file is None and not self.open:
+            raise ConfigError(
+                f"swarm.host={self.host} listens beyond this machine without swarm.allowlist_file: anyone who "
+                "reaches the port could join as any client; set swarm.allowlist_file=FILE (peer IDs from "
+                "`declora peer --print-id`), or swarm.open=true to accept that"
+            )
         if not self.name or any(c.isspace() for c in self.name):
             raise ConfigError(f"swarm.name={self.name!r} must be a non-empty word")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from declora.config.fields import _SCHEDULERS, _choice, _f, _fraction, _int_at_least, _positive, _seed
 from declora.errors import ConfigError
@@ -102,6 +103,16 @@ class TrainConfig:
         "Micro-batches per optimizer step: each local step averages the gradients of this many batches of "
         "train.batch_size examples (so it sees batch_size x grad_accumulation examples).",
     )
+    batch_clients: bool | str = _f(
+        False,
+        "Run the simulated clients' local steps together: one forward/backward over their concatenated "
+        "batches through the shared base, each client's LoRA factors and head applied to its own rows, its "
+        "own loss, gradient, clipping and optimizer step (same numbers up to float rounding). false (one "
+        "client after another), true, or auto (true where supported, else false).",
+    )
+    clients_per_pass: int | None = _f(
+        None, "train.batch_clients: at most this many clients in one forward pass (memory); null = all of them."
+    )
 
     def __post_init__(self) -> None:
         _choice(
@@ -150,6 +161,30 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps and train.warmup_ratio are alternatives: set one of them to 0")
         if self.grad_accumulation < 1:
             raise ConfigError(f"train.grad_accumulation={self.grad_accumulation} must be >= 1")
+        _choice("train.batch_clients", self.batch_clients, (False, True, "auto"))
+        _int_at_least("train.clients_per_pass", self.clients_per_pass, 1, optional=True)
+
+
+def batch_clients_refusal(cfg: Any) -> str | None:
+    """Why ``train.batch_clients`` cannot run with the whole config ``cfg`` (None: it can)."""
+    reasons = {
+        "runtime=simulation (one process, many clients)": cfg.runtime != "simulation",
+        "privacy.mechanism=none (DP-SGD's per-example gradients run one client at a time)": cfg.privacy.mechanism
+        != "none",
+        "peft.ranks unset (one rank for every client)": cfg.peft.ranks is not None,
+        "model.task_type=seq_cls": cfg.model.task_type != "seq_cls",
+        "model.quantization=none": cfg.model.quantization != "none",
+        "peft.method=lora or head_only": cfg.peft.method not in ("lora", "head_only"),
+    }
+    need = next((need for need, bad in reasons.items() if bad), None)
+    return None if need is None else f"train.batch_clients=true needs {need}: set train.batch_clients=false"
+
+
+def check_batch_clients(cfg: Any) -> None:
+    """``train.batch_clients=true`` refused, before the model loads, where it cannot run (auto falls back)."""
+    reason = batch_clients_refusal(cfg) if cfg.train.batch_clients is True else None
+    if reason is not None:
+        raise ConfigError(reason)
 
 
 @dataclass
@@ -206,6 +241,22 @@ class CommConfig:
         "CHOCO's gamma in (0, 1]: x_i += gamma * sum_j W_ij (x_hat_j - x_hat_i). 1.0 = plain gossip when "
         "nothing is lost; lower it (e.g. 0.5) if 2-bit gossip oscillates.",
     )
+    robust: str = _f(
+        "none",
+        "Byzantine-robust mixing of what a peer received (declora.mixing.robust): none (plain gossip), "
+        "clipped_gossip (x_i + sum_j W_ij clip(x_j - x_i, tau)), trimmed_mean or median (coordinate-wise).",
+    )
+    robust_radius: float | None = _f(
+        None,
+        "clipped_gossip's tau (> 0, on the norm of the whole state difference); null = adaptive: the "
+        "second-largest neighbour distance each round (He et al. 2022's reference rule).",
+    )
+    robust_trim: int = _f(1, "trimmed_mean: values dropped at each end per coordinate (lowered if too few peers).")
+    robust_exclude: bool = _f(
+        False,
+        "Stop mixing a neighbour this peer has flagged as a suspect (a local W_t change, as a failed link: "
+        "its weight moves to the diagonal).",
+    )
 
     def __post_init__(self) -> None:
         _choice("comm.bits", self.bits, (32, 16, 8, 4, 2))
@@ -216,5 +267,9 @@ class CommConfig:
         _positive("comm.timeout_s", self.timeout_s)
         _positive("comm.startup_timeout_s", self.startup_timeout_s)
         _choice("comm.backend", self.backend, ("auto", "gloo", "nccl"))
+        _choice("comm.robust", self.robust, ("none", "clipped_gossip", "trimmed_mean", "median"))
+        if self.robust_radius is not None:
+            _positive("comm.robust_radius", self.robust_radius)
+        _int_at_least("comm.robust_trim", self.robust_trim, 0)
         if not self.init_method.startswith(("env://", "tcp://", "file://")):
             raise ConfigError(f"comm.init_method={self.init_method!r}: use env://, tcp://HOST:PORT or file:///PATH")

@@ -1,0 +1,1 @@
+"""Evaluating a state on the shared base: classification accuracy and loss, causal-LM verbalizer scoring."""

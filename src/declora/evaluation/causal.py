@@ -19,6 +19,7 @@ from declora.config import ConfigError
 from declora.data.causal import IGNORE, template_fields, template_of
 from declora.data.loading import TaskData
 from declora.model.loading import State, forward_with
+from declora.rundir import layout
 
 
 @torch.no_grad()
@@ -118,7 +119,7 @@ def score_answer_tokens(
 
 
 def generate_from_run(
-    run_dir: str | Path, prompt: str, max_new_tokens: int = 32, adapter: str = "average", raw: bool = False
+    run_dir: str | Path, prompt: str, max_new_tokens: int = 32, adapter: str = layout.AVERAGE, raw: bool = False
 ) -> tuple[str, str]:
     """Load the run's base model + ``adapters/<adapter>`` (peft ``PeftModel``) and continue ``prompt`` greedily.
 
@@ -133,14 +134,14 @@ def generate_from_run(
     from declora.model.loading import load_base, load_tokenizer, select_device
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    if not (run_dir / layout.CONFIG).is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no {layout.CONFIG})")
+    cfg = load_config(run_dir / layout.CONFIG)
     if cfg.model.task_type != "causal_lm":
         raise ConfigError(f"{run_dir} trained model.task_type={cfg.model.task_type}; generate needs causal_lm")
-    path = run_dir / "adapters" / adapter
-    if not (path / "adapter_config.json").is_file():
-        have = sorted(p.name for p in (run_dir / "adapters").glob("*")) if (run_dir / "adapters").is_dir() else []
+    path, folder = layout.adapter_dir(run_dir, adapter), run_dir / layout.ADAPTERS
+    if not (path / layout.PEFT_CONFIG).is_file():
+        have = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
         raise ConfigError(
             f"--adapter {adapter}: no adapters/{adapter} in {run_dir} (have: {', '.join(have) or 'none'})"
         )

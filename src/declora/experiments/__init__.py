@@ -1,0 +1,1 @@
+"""Experiments over many runs: declora reproduce, its report pages, declora compare."""

@@ -7,7 +7,7 @@ names the settings that make runs incomparable (evaluation set, sample budget, l
 the CLI prints them as warnings, and the table shows those columns.
 
 Example:
-    >>> rows = [load_run(d) for d in ["runs/a", "runs/b"]]  # doctest: +SKIP
+    >>> rows = [read_run(d) for d in ["runs/a", "runs/b"]]  # doctest: +SKIP
     >>> print(markdown_table(rows))  # doctest: +SKIP
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from declora.config import ConfigError
+from declora.rundir.layout import CONFIG, METRICS, SUMMARY, read_metrics
 
 # (column title, row key): the table's columns, in order; the CSV uses the keys as its header.
 COLUMNS = [
@@ -97,8 +98,8 @@ def _from_metrics(metrics: list[dict[str, Any]], config: dict[str, Any]) -> dict
     }
 
 
-def load_run(path: str | Path) -> RunRecord:
-    """Read one run directory, finished or not.
+def read_run(path: str | Path) -> RunRecord:
+    """Read one run directory's records, finished or not (``declora.inference.load_run`` loads its model).
 
     Raises:
         ConfigError: the folder is not a run (no summary.json, and no metrics.jsonl + config.yaml).
@@ -106,17 +107,16 @@ def load_run(path: str | Path) -> RunRecord:
     from omegaconf import OmegaConf
 
     path = Path(path)
-    finished = (path / "summary.json").is_file() and (path / "metrics.jsonl").is_file()
-    if not finished and not ((path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()):
+    finished = (path / SUMMARY).is_file() and (path / METRICS).is_file()
+    if not finished and not ((path / METRICS).is_file() and (path / CONFIG).is_file()):
         raise ConfigError(
             f"{path}: no summary.json (nor metrics.jsonl + config.yaml); give a `declora train` run directory"
         )
     config: dict[str, Any] = {}
-    if (path / "config.yaml").is_file():
-        config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))  # type: ignore[assignment]
-    lines = (path / "metrics.jsonl").read_text().splitlines()
-    metrics = [json.loads(line) for line in lines if line.strip()]
-    summary = json.loads((path / "summary.json").read_text()) if finished else _from_metrics(metrics, config)
+    if (path / CONFIG).is_file():
+        config = OmegaConf.to_container(OmegaConf.load(path / CONFIG))  # type: ignore[assignment]
+    metrics = read_metrics(path)
+    summary = json.loads((path / SUMMARY).read_text()) if finished else _from_metrics(metrics, config)
     algorithm = summary.get("algorithm")
     train, data = config.get("train") or {}, config.get("data") or {}
     row = {key: summary.get(key) for _, key in COLUMNS}
@@ -266,3 +266,6 @@ def plot_compare(runs: list[RunRecord], path: str | Path) -> None:
     fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(runs) + 2) // 3), 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+load_run = read_run  # TEMPORARY: cli/tools.py still imports this name (switched after the cli split; then removed)

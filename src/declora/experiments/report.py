@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from declora.experiments.compare import RunRecord, _fmt
+from declora.rundir.layout import SUMMARY
 
 TITLES = {
     "best_accuracy": "best acc %",
@@ -42,7 +43,7 @@ def value(record: RunRecord, key: str) -> Any:
     """A summary field of the run, or a derived one (``mean_consensus_error``, ``final_eval_loss``)."""
     summary = getattr(record, "_summary", None)
     if summary is None:
-        summary = json.loads((record.path / "summary.json").read_text())
+        summary = json.loads((record.path / SUMMARY).read_text())
         record._summary = summary  # type: ignore[attr-defined]  # read once per record
     if key == "mean_consensus_error":
         errors = [m["consensus_error"] for m in record.metrics if m.get("consensus_error") is not None]

@@ -29,7 +29,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from declora.config import ConfigError
+from declora.rundir.layout import CONFIG, DONE
 from declora.rundir.protect import holds_run
+
+COMPARE_PLOT = "compare.png"  # OUT/<experiment>/: the experiment's runs overlaid (not a run file)
 
 SCALES = ("cpu", "paper")
 CHECKS = ("within", "at_least", "order")
@@ -154,9 +157,9 @@ def finished_twin(exp: Experiment, run: RunSpec, scale: str, out: Path) -> Path 
     from declora.config import load_config
 
     key = _config_key(load_config(overrides=exp.overrides(run, scale)))
-    for done in sorted(out.glob("*/*/DONE")):
+    for done in sorted(out.glob(f"*/*/{DONE}")):
         try:
-            if _config_key(load_config(done.parent / "config.yaml")) == key:
+            if _config_key(load_config(done.parent / CONFIG)) == key:
                 return done.parent
         except ConfigError:
             continue
@@ -184,7 +187,7 @@ def run_experiment(
         raise ConfigError(f"--scale {scale}: use one of {', '.join(SCALES)}")
     validate(exp, scale, out)
     selected = [r for r in exp.runs if not only or r.name in only or r.slug in only]
-    todo = [r for r in selected if force or not (out / exp.name / r.slug / "DONE").is_file()]
+    todo = [r for r in selected if force or not (out / exp.name / r.slug / DONE).is_file()]
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     running: list[tuple[RunSpec, subprocess.Popen, float]] = []
     failed: list[str] = []
@@ -219,12 +222,12 @@ def run_experiment(
 
 def write_report(exp: Experiment, scale: str, out: Path) -> Path:
     """``results.md`` (table, claim checks, commands), ``results.csv`` and ``compare.png`` from finished runs."""
-    from declora.experiments.compare import load_run, plot_compare, write_csv
+    from declora.experiments.compare import plot_compare, read_run, write_csv
     from declora.experiments.report import check_lines, table
 
     root = out / exp.name
-    done = [(r, root / r.slug) for r in exp.runs if (root / r.slug / "DONE").is_file()]
-    records = {r.name: load_run(path) for r, path in done}
+    done = [(r, root / r.slug) for r in exp.runs if (root / r.slug / DONE).is_file()]
+    records = {r.name: read_run(path) for r, path in done}
     lines = [f"## {exp.name}: {exp.title}", ""]
     if exp.claim:
         lines += [f"**Paper:** {exp.claim}", ""]
@@ -243,8 +246,8 @@ def write_report(exp: Experiment, scale: str, out: Path) -> Path:
     if records:
         runs = list(records.values())
         write_csv(runs, root / "results.csv")
-        plot_compare(runs, root / "compare.png")
-        lines += [f"![{exp.name}](compare.png)", ""]
+        plot_compare(runs, root / COMPARE_PLOT)
+        lines += [f"![{exp.name}]({COMPARE_PLOT})", ""]
     root.mkdir(parents=True, exist_ok=True)
     path = root / "results.md"
     path.write_text("\n".join(lines))
@@ -277,14 +280,14 @@ def collect(experiments: list[Experiment], scale: str, out: Path, page: Path, in
     parts = [kept + GENERATED_MARKER, ""]
     parts += [intro.strip(), ""] if intro else []
     for exp in experiments:
-        if exp.name in old_sections and not any((out / exp.name).glob("*/DONE")):
+        if exp.name in old_sections and not any((out / exp.name).glob(f"*/{DONE}")):
             parts += [old_sections[exp.name], ""]
             continue
         text = write_report(exp, scale, out).read_text()
-        plot = out / exp.name / "compare.png"
+        plot = out / exp.name / COMPARE_PLOT
         if plot.is_file():
             shutil.copyfile(plot, figures / f"{exp.name}.png")
-            text = text.replace("(compare.png)", f"({figures.name}/{exp.name}.png)")
+            text = text.replace(f"({COMPARE_PLOT})", f"({figures.name}/{exp.name}.png)")
         parts += [text, ""]
     page.write_text("\n".join(parts))
     return page

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from declora.config import Config, ConfigError, load_config
+from declora.rundir import layout
 
 
 def peer_config(config: str | None, overrides: list[str]) -> Config:
@@ -36,7 +37,7 @@ def peer_config(config: str | None, overrides: list[str]) -> Config:
             config, ["runtime=swarm", *overrides, f"out_dir=runs/{stamp}-swarm-peer{cfg.swarm.client_id}"]
         )
     out = Path(cfg.out_dir)
-    if cfg.resume is None and any(out.glob("checkpoints/round_*/COMPLETE.json")):
+    if cfg.resume is None and any(out.glob(f"{layout.CHECKPOINTS}/{layout.ROUND_GLOB}/{layout.MARKER}")):
         print(f"declora peer: {out} holds a checkpoint of this peer: resuming from it", file=sys.stderr, flush=True)
         cfg = load_config(config, ["runtime=swarm", *overrides, f"resume={out}"])
     return cfg
@@ -44,7 +45,7 @@ def peer_config(config: str | None, overrides: list[str]) -> Config:
 
 def run_peer(config: str | None, overrides: list[str]) -> dict[str, Any]:
     """Run one swarm peer to the end; returns its summary."""
-    from declora.cli.app import quiet_libraries
+    from declora.quiet import quiet_libraries
     from declora.training.trainer import run
 
     cfg = peer_config(config, overrides)
@@ -58,7 +59,7 @@ def _fork_peer(i: int, folder: Path, config: str | None, overrides: list[str]) -
     if pid:
         return pid
     os.setsid()  # its own process group: the peer and its p2p daemon die together
-    fd = os.open(folder / "peer.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    fd = os.open(folder / layout.PEER_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1), os.dup2(fd, 2)
     code = 1
     try:
@@ -112,8 +113,8 @@ def launch_swarm(
     if cfg.train.clients != clients:
         raise ConfigError(f"--clients={clients} but train.clients={cfg.train.clients}: drop the override")
     base.mkdir(parents=True, exist_ok=True)
-    ids = {i: peer_id_of(base / f"peer_{i}" / "swarm" / "identity.key") for i in range(clients)}
-    allow = base / "allowlist.txt"
+    ids = {i: peer_id_of(layout.swarm_dir(layout.peer_dir(base, i)) / layout.SWARM_IDENTITY) for i in range(clients)}
+    allow = base / layout.SWARM_ALLOWLIST
     allow.write_text("".join(f"{p} {i}\n" for i, p in ids.items()))
     common = [f"train.clients={clients}", f"swarm.allowlist_file={allow}", *overrides]
     pids: dict[int, int] = {}
@@ -121,20 +122,20 @@ def launch_swarm(
     late = late or {}
     try:
         for i in [*(i for i in range(clients) if i not in late), *sorted(late, key=late.get)]:
-            folder = base / f"peer_{i}"
-            if i in late and not _wait_round(base / "peer_0", pids[0], late[i] - 1):
+            folder = layout.peer_dir(base, i)
+            if i in late and not _wait_round(layout.peer_dir(base, 0), pids[0], late[i] - 1):
                 continue  # the swarm ended first: this peer never starts
             if i in late:
                 print(f"declora swarm: starting peer {i} at round {late[i]}", file=sys.stderr, flush=True)
             extra = [
                 f"swarm.client_id={i}",
                 f"out_dir={folder}",
-                f"swarm.identity_path={folder / 'swarm/identity.key'}",
+                f"swarm.identity_path={layout.swarm_dir(folder) / layout.SWARM_IDENTITY}",
             ]
             if i > 0:
                 extra.append(f"swarm.initial_peers=[{first}]")
             pids[i] = _fork_peer(i, folder, config, [*common, *extra])
-            (folder / "pid").write_text(f"{pids[i]}\n")
+            (folder / layout.PEER_PID).write_text(f"{pids[i]}\n")
             if i == 0:
                 first = _wait_address(folder, pids[0], cfg.swarm.startup_timeout_s)
                 print(f"declora swarm: peer 0 listens on {first}", file=sys.stderr, flush=True)
@@ -154,7 +155,7 @@ def launch_swarm(
 
 def _wait_round(folder: Path, pid: int, round_: int) -> bool:
     """Wait until the peer in ``folder`` has finished ``round_`` (False: it exited before)."""
-    live = folder / "swarm" / "live.jsonl"
+    live = layout.swarm_dir(folder) / layout.SWARM_LIVE
     while True:
         if round_ <= 0 or (live.is_file() and f'"round": {round_},' in live.read_text()):
             return True
@@ -164,11 +165,11 @@ def _wait_round(folder: Path, pid: int, round_: int) -> bool:
 
 
 def _wait_address(folder: Path, pid: int, timeout: float) -> str:
-    path = folder / "swarm" / "address.txt"
+    path = layout.swarm_dir(folder) / layout.SWARM_ADDRESS
     deadline = time.monotonic() + timeout
     while not path.is_file():
         if os.waitpid(pid, os.WNOHANG)[0] or time.monotonic() > deadline:
-            raise ConfigError(f"peer 0 did not start (see {folder / 'peer.log'})")
+            raise ConfigError(f"peer 0 did not start (see {folder / layout.PEER_LOG})")
         time.sleep(0.1)
     return path.read_text().split()[1]
 
@@ -185,27 +186,27 @@ def assemble(base: str | Path, exit_codes: dict[int, int] | None = None, evaluat
     import torch
 
     from declora.mixing.kernel import average_states
-    from declora.rundir.layout import atomic_write_text
+    from declora.rundir.files import atomic_write_text
 
     base = Path(base)
     rounds: dict[int, dict[int, list[int]]] = {}
     peers: dict[int, dict[str, Any]] = {}
     states = {}
-    for folder in sorted(base.glob("peer_*"), key=lambda p: int(p.name.split("_")[1])):
+    for folder in sorted(base.glob(f"{layout.PEER_PREFIX}*"), key=lambda p: int(p.name.split("_")[1])):
         i = int(folder.name.split("_")[1])
-        live = folder / "swarm" / "live.jsonl"
+        live = layout.swarm_dir(folder) / layout.SWARM_LIVE
         rows = [json.loads(x) for x in live.read_text().splitlines() if x.strip()] if live.is_file() else []
         for r in rows:
             rounds.setdefault(r["round"], {})[i] = r["exchanged"]
         info: dict[str, Any] = {"last_round": max((r["round"] for r in rows), default=0)}
-        address = folder / "swarm" / "address.txt"
+        address = layout.swarm_dir(folder) / layout.SWARM_ADDRESS
         info["peer"] = address.read_text().split()[0] if address.is_file() else None
         if exit_codes is not None:
             info["exit_code"] = exit_codes.get(i)
-        final = folder / "swarm" / "state.pt"
+        final = layout.swarm_dir(folder) / layout.SWARM_STATE
         if final.is_file():
             states[i] = torch.load(final, map_location="cpu", weights_only=True)["state"]
-        own = folder / "summary.json"
+        own = folder / layout.SUMMARY
         if own.is_file():
             info["final_accuracy_own_model"] = json.loads(own.read_text()).get("final_accuracy")
         peers[i] = info
@@ -226,19 +227,20 @@ def assemble(base: str | Path, exit_codes: dict[int, int] | None = None, evaluat
     }
     if states and evaluate_average:
         summary |= _evaluate_average(base, average_states([states[i] for i in sorted(states)]))
-    atomic_write_text(base / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(base / layout.SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def _evaluate_average(base: Path, mean: dict) -> dict[str, Any]:
     """The averaged model's accuracy on the held-out set (the first peer's config), and its adapter."""
     from declora.evaluation.evaluate import evaluate, length_sorted
-    from declora.training.trainer import save_adapter, setup
+    from declora.training.finish import save_adapter
+    from declora.training.setup import setup
 
-    config = next(iter(sorted(base.glob("peer_*/config.yaml"))))
+    config = next(iter(sorted(base.glob(f"{layout.PEER_PREFIX}*/{layout.CONFIG}"))))
     cfg = load_config(config, ["resume=null", "runtime=simulation"])
     s = setup(cfg)
     result = evaluate(s.model, mean, s.data, length_sorted(s.data), s.device, cfg.eval.batch_size)
     if cfg.save_adapters:
-        save_adapter(s.model, mean, base / "adapters" / "average")
+        save_adapter(s.model, mean, layout.adapter_dir(base, layout.AVERAGE))
     return {"final_accuracy": result.accuracy, "final_eval_loss": result.loss}

@@ -7,7 +7,8 @@ the round loop is today's, bit for bit. Otherwise, each round it draws the :clas
 simulation, every torch.distributed rank and a resumed run draw the same graphs), lets the online
 peers take ``live.steps[i]`` local steps, and hands the algorithm ``W_t`` in place of W. The
 communicators exchange along ``W_t``'s support only, so a failed link carries nothing and an offline
-peer (row ``e_i``) sends and receives nothing and keeps its state.
+peer (row ``e_i``) sends and receives nothing and keeps its state. :meth:`Churn.members` says which
+peers the reported averaged model is the mean of (those that left for good or have not joined are out).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Churn:
     straggler_steps: float = 0.5
     rule: str = "diagonal"
     schedule: Schedule | None = None
+    membership: bool = True  # False under runtime=swarm: a swarm peer has no global averaged model
 
     @classmethod
     def from_config(cls, cfg: Config, W: np.ndarray, steps: int) -> Churn | None:
@@ -65,6 +67,7 @@ class Churn:
             t.straggler_steps,
             cfg.topology.dynamic_mixing,
             schedule,
+            cfg.runtime != "swarm",
         )
 
     def live(self, round_: int) -> LiveRound:
@@ -80,6 +83,20 @@ class Churn:
             straggler_steps=self.straggler_steps,
             local_steps=self.steps,
         )
+
+    def members(self, round_: int) -> list[int] | None:
+        """The peers the averaged model of ``round_`` is the mean of; None = all N (today's mean).
+
+        A peer that left for good (``train.availability_file``: offline from some round on, forever) is
+        out from the round it left; one that has not joined yet (offline in every round so far) is out
+        until it joins. Temporary outages (and ``train.peer_dropout``) keep a peer in: the all-member
+        mean is the quantity gossip preserves. If no peer is left, the mean stays over all N.
+        """
+        if self.schedule is None or not self.membership:
+            return None
+        out = self.schedule.left(round_) | self.schedule.not_joined(round_)
+        members = [i for i in range(self.W.shape[0]) if i not in out]
+        return members if out and members else None
 
     def mixing(self, live: LiveRound) -> np.ndarray:
         """W_t of the live round (``topology.dynamic_mixing``)."""

@@ -172,10 +172,6 @@ class Quantizer:
             out[name] = dequantize(codes, message[name + SCALE], self.bits, self.scale).to(t.dtype)
         return out
 
-    def roundtrip(self, state: State, generator: torch.Generator | None = None) -> State:
-        """``decode(encode(state))``: what a neighbour receives."""
-        return self.decode(self.encode(state, generator), state)
-
     def payload_bytes(self, state: State) -> int:
         """Bytes of ``encode(state)`` without encoding: packed codes + fp32 scales (or the cast size)."""
         if self.bits in (32, 16):

@@ -1,4 +1,4 @@
-"""Pure tensor maths of gossip: the one mixing kernel, averaging, consensus error, message size.
+"""Pure tensor maths of gossip: the one mixing kernel, averaging, distances, message size.
 
 Nothing here knows about processes, files or models: states are ``dict[name, tensor]`` and a list of
 them is one per client, in client order.
@@ -45,11 +45,6 @@ def mix_row(W: np.ndarray, i: int, inbox: Mapping[int, State]) -> State:
     return {name: weighted_sum(weights, [inbox[j][name] for j in order], own.dtype) for name, own in inbox[i].items()}
 
 
-def mix_states(W: np.ndarray, states: Sequence[State]) -> list[State]:
-    """Every client's :func:`mix_row` over its support in W (all N clients in one place, as in a test)."""
-    return [mix_row(W, i, {j: states[j] for j in np.flatnonzero(W[i] > 0).tolist() + [i]}) for i in range(len(states))]
-
-
 AVERAGE_BLOCK = 64  # clients stacked at once by average_states: bounds its float64 temporary
 
 
@@ -72,14 +67,9 @@ def average_states(states: Sequence[State]) -> State:
     }
 
 
-def consensus_error(states: Sequence[State]) -> float:
-    """``(1/N) sum_i ||X_i - mean_j X_j||^2``, summed over all tensors (squared Frobenius norms)."""
-    mean = average_states(states)
-    return sum(squared_distance(s, mean) for s in states) / len(states)
-
-
 def squared_distance(a: State, b: State) -> float:
-    """``sum over tensors of ||a - b||^2`` (one client's term of the consensus error)."""
+    """``sum over tensors of ||a - b||^2``: one client's term of the consensus error
+    ``(1/N) sum_i ||X_i - mean_j X_j||^2`` the trainer reports."""
     return sum(float((a[n].double() - b[n].double()).pow(2).sum()) for n in a)
 
 

@@ -161,21 +161,3 @@ def dynamic_mixing_matrix(W: np.ndarray, live: LiveRound, rule: str = "diagonal"
     degrees = {i: len(v) for i, v in nbrs.items()}
     return np.stack([local_row(W, i, nbrs[i], rule, degrees) for i in range(n)])
 
-
-def check_dynamic_matrix(W_t: np.ndarray, live: LiveRound, atol: float = 1e-12) -> None:
-    """Raise ValueError unless W_t is symmetric, non-negative, doubly stochastic and on live edges."""
-    n = W_t.shape[0]
-    allowed = np.eye(n, dtype=bool)
-    for a, b in live.edges:
-        allowed[a, b] = allowed[b, a] = True
-    problems = []
-    if not np.allclose(W_t, W_t.T, atol=atol):
-        problems.append("not symmetric")
-    if (W_t < -atol).any():
-        problems.append("negative entries")
-    if not np.allclose(W_t.sum(1), 1.0, atol=atol):
-        problems.append("rows do not sum to 1")
-    if (np.abs(W_t[~allowed]) > atol).any():
-        problems.append("weight on a failed edge or offline peer")
-    if problems:
-        raise ValueError(f"W_t of round {live.round}: {', '.join(problems)}")

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from declora.config import Config, ModelConfig
-from declora.rundir.layout import atomic_write_text
+from declora.rundir.files import atomic_write_text, share_files
+from declora.rundir.layout import ADAPTER_METADATA as METADATA
+from declora.rundir.layout import ADAPTERS, AVERAGE, BEST, MODEL_CARD, PEFT_CONFIG, PEFT_WEIGHTS
 
-METADATA = "declora.json"
 # Embedded aliases whose files are exactly a hub repository's.
 HUB_IDS = {
     "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
@@ -74,17 +75,62 @@ def label_maps(label_names: list[str]) -> dict[str, Any]:
 
 
 def save_best(model: nn.Module, mean: dict[str, torch.Tensor], path: Path, save: Any) -> None:
-    """Save the averaged ``mean`` as ``adapters/best`` mid-run, leaving the shared model's tensors as they were.
+    """Save the averaged ``mean`` as ``adapters/best`` (or ``average``), leaving the model's tensors as they were.
+
+    A product-mixing average (dec_decaf, peft.ranks: :class:`declora.algorithms.dec_decaf.ProductMean`)
+    holds LoRA factors of a rank k other than the model's r; those are written at rank k by
+    :func:`widen_adapter`, in a staging folder renamed into place, so a half-written adapter never appears.
 
     Args:
         save: the trainer's atomic ``save_adapter(model, state, path)``.
     """
+    import shutil
+
     params = dict(model.named_parameters())
-    before = {n: params[n].detach().clone() for n in mean if n in params}
-    save(model, mean, path)
+    fits = {n: t for n, t in mean.items() if n not in params or params[n].shape == t.shape}
+    before = {n: params[n].detach().clone() for n in fits if n in params}
+    staging = path if len(fits) == len(mean) else path.with_name(f".{path.name}.wide")
+    save(model, fits, staging)
     with torch.no_grad():  # clients never read these (their own tensors are swapped in), but be exact
         for n, t in before.items():
             params[n].copy_(t)
+    if staging != path:
+        widen_adapter(staging, {n: t for n, t in mean.items() if n not in fits})
+        share_files(staging)
+        shutil.rmtree(path, ignore_errors=True)
+        staging.rename(path)
+
+
+def widen_adapter(folder: Path, factors: dict[str, torch.Tensor]) -> None:
+    """Replace a saved LoRA adapter's factors by rank-k ``factors`` (named as the model's parameters).
+
+    peft scales ``B A`` by ``lora_alpha / r``; the factors were computed in the shared model's scale
+    ``alpha / r``, so the folder gets ``r = k`` and ``lora_alpha = alpha * k / r``: plain peft then
+    computes exactly the update that was evaluated.
+
+    Raises:
+        ValueError: a factor has no tensor in the folder, or the config scales otherwise (rslora, patterns).
+    """
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((folder / PEFT_CONFIG).read_text())
+    if config.get("use_rslora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{folder}: cannot widen an adapter with rslora or rank/alpha patterns")
+    tensors = load_file(str(folder / PEFT_WEIGHTS))
+    ranks = set()
+    for name, t in factors.items():
+        key = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)  # peft drops the adapter name
+        if key not in tensors:
+            raise ValueError(f"{folder}: no saved tensor {key} for {name}")
+        tensors[key] = t.detach().to(tensors[key].dtype).contiguous().cpu()
+        ranks.add(t.shape[0] if ".lora_A." in name else t.shape[1])
+    (k,) = ranks
+    alpha = config["lora_alpha"] * k / config["r"]
+    config |= {"r": k, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha}
+    save_file(tensors, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
+    (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def _facts(cfg: Config, summary: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -123,7 +169,7 @@ def loading_snippet(path: str, task_type: str) -> str:
         f"from peft import {auto}\n"
         "from transformers import AutoTokenizer\n\n"
         f'path = "{path}"\n'
-        'meta = json.load(open(f"{path}/declora.json"))\n'
+        f'meta = json.load(open(f"{{path}}/{METADATA}"))\n'
         f"{labels}"
         f"model = {auto}.from_pretrained(path{kwargs})\n"
         'tokenizer = AutoTokenizer.from_pretrained(path)  # or meta["base_model"]\n'
@@ -151,8 +197,8 @@ def model_card(name: str, cfg: Config, summary: dict[str, Any], meta: dict[str, 
     ]
     which = meta["adapter"]
     what = {
-        "average": "the averaged model: the mean over all clients of every trained tensor after the last round",
-        "best": f"the averaged model after round {meta.get('round')}, the round of highest validation accuracy",
+        AVERAGE: "the averaged model: the mean over all clients of every trained tensor after the last round",
+        BEST: f"the averaged model after round {meta.get('round')}, the round of highest validation accuracy",
     }.get(which, f"client {which.removeprefix('client_')}'s own adapter after the last round")
     facts = "\n".join(f"- **{k}:** {v}" for k, v in _facts(cfg, summary))
     acc = meta.get("accuracy")
@@ -224,12 +270,12 @@ def describe_adapters(
     labels = label_maps(summary.get("label_names") or [])
     base = base_model_info(cfg.model)
     rows = {r["round"]: r for r in history}
-    for folder in sorted((Path(run) / "adapters").glob("*")):
+    for folder in sorted((Path(run) / ADAPTERS).glob("*")):
         if not folder.is_dir() or folder.name.startswith("."):
             continue
         name = folder.name
-        round_ = summary["best_round"] if name == "best" else summary.get("rounds")
-        accuracy = rows.get(round_, {}).get("accuracy") if name in ("average", "best") else None
+        round_ = summary["best_round"] if name == BEST else summary.get("rounds")
+        accuracy = rows.get(round_, {}).get("accuracy") if name in (AVERAGE, BEST) else None
         meta = {
             "adapter": name,
             "round": round_,
@@ -244,11 +290,11 @@ def describe_adapters(
             "run": Path(run).name,
         }
         atomic_write_text(folder / METADATA, json.dumps(meta, indent=2) + "\n")
-        atomic_write_text(folder / "README.md", model_card(Path(run).name, cfg, summary, meta))
-        config = folder / "adapter_config.json"
+        atomic_write_text(folder / MODEL_CARD, model_card(Path(run).name, cfg, summary, meta))
+        config = folder / PEFT_CONFIG
         if config.is_file():  # also adapters saved before this fix: same name for every folder
             peft_cfg = json.loads(config.read_text())
             peft_cfg["base_model_name_or_path"] = base["base_model"]
             atomic_write_text(config, json.dumps(peft_cfg, indent=2, sort_keys=True) + "\n")
-        if name in ("average", "best") and tokenizer is not None:
+        if name in (AVERAGE, BEST) and tokenizer is not None:
             tokenizer.save_pretrained(str(folder))

@@ -1,4 +1,7 @@
-"""Files people can share: the permission bits the umask asks for, and strict JSON (null, never NaN).
+"""Writing a run's files: atomically, with the permission bits the umask asks for, as strict JSON.
+
+:func:`atomic_write_bytes` writes a temporary file in the same folder, fsyncs and renames it, so a
+reader (or a resume after a crash) never sees half a file.
 
 ``tempfile.mkstemp`` creates its file with mode 0600 whatever the umask; the run directory's atomic
 writes go through a temporary file, so without :func:`file_mode` every ``config.yaml``,
@@ -12,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 
@@ -32,6 +37,26 @@ def current_umask() -> int:
 def file_mode() -> int:
     """The mode a plain ``open(path, "w")`` would give a new file: ``0o666 & ~umask``."""
     return 0o666 & ~current_umask()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, file_mode())  # mkstemp makes 0600; a run's files get what the umask gives any new file
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def finite_or_none(obj: Any) -> Any:
@@ -58,8 +83,6 @@ def dumps(obj: Any, **kwargs: Any) -> str:
 
 def share_files(folder: str | os.PathLike[str]) -> None:
     """Give every file under ``folder`` the umask's mode (safetensors writes 0600 like mkstemp)."""
-    from pathlib import Path
-
     mode = file_mode()
     for path in Path(folder).rglob("*"):
         if path.is_file() and not path.is_symlink():

@@ -16,8 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-CHECKPOINTS = "checkpoints"
-MARKER = "COMPLETE.json"
+from declora.rundir.layout import CHECKPOINTS, MARKER, RANK_FILE_GLOB, ROUND_GLOB, round_of
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -35,17 +34,10 @@ def sha256_file(path: str | Path) -> str:
 def round_files(folder: Path, own: str, own_digest: str) -> dict[str, str]:
     """The ``files`` entry of a round's marker: this process's digest plus every other rank file visible."""
     files = {own: own_digest}
-    for path in sorted(folder.glob("rank_*.pt")):
+    for path in sorted(folder.glob(RANK_FILE_GLOB)):
         if path.name not in files:
             files[path.name] = sha256_file(path)
     return files
-
-
-def _round_of(folder: Path) -> int:
-    try:
-        return int(folder.name.removeprefix("round_"))
-    except ValueError:
-        return -1
 
 
 def check_round(folder: Path, marker: dict[str, Any] | None = None, only: str | None = None) -> str | None:
@@ -61,8 +53,8 @@ def check_round(folder: Path, marker: dict[str, Any] | None = None, only: str | 
             return f"{path} is missing (the round was not completed)"
         try:
             marker = json.loads(path.read_text())
-            if marker["round"] != _round_of(folder):
-                return f"{path} names round {marker['round']}, not {_round_of(folder)}"
+            if marker["round"] != round_of(folder):
+                return f"{path} names round {marker['round']}, not {round_of(folder)}"
         except (OSError, ValueError, KeyError, TypeError):
             return f"{path} is damaged (not a readable marker)"
     files = marker.get("files")
@@ -82,13 +74,13 @@ def check_round(folder: Path, marker: dict[str, Any] | None = None, only: str | 
 def newest_intact(run: str | Path) -> tuple[int, list[str]]:
     """The newest round whose checkpoint is intact (0 if none), and why each newer round was skipped."""
     skipped: list[str] = []
-    folders = [f for f in (Path(run) / CHECKPOINTS).glob("round_*") if f.is_dir() and _round_of(f) > 0]
-    for folder in sorted(folders, key=_round_of, reverse=True):
-        if not (folder / MARKER).exists() and not any(folder.glob("rank_*.pt")):
+    folders = [f for f in (Path(run) / CHECKPOINTS).glob(ROUND_GLOB) if f.is_dir() and round_of(f) > 0]
+    for folder in sorted(folders, key=round_of, reverse=True):
+        if not (folder / MARKER).exists() and not any(folder.glob(RANK_FILE_GLOB)):
             continue  # a save that crashed before writing any file: nothing was lost
         problem = check_round(folder)
         if problem is None:
-            return _round_of(folder), skipped
+            return round_of(folder), skipped
         skipped.append(problem)
     return 0, skipped
 

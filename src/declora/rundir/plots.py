@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from declora.rundir.layout import ACCURACY_PLOT, CHURN_PLOT, CONSENSUS_PLOT
+
 # Below this every client holds the same tensors (fedavg, centralized): no consensus panel.
 _NO_DISAGREEMENT = 1e-20
 
@@ -79,7 +81,7 @@ def plot_run(metrics: list[dict[str, Any]], out_dir: Path, title: str) -> list[P
     # Outside the axes, on the right: a legend never covers the curves.
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    written.append(out_dir / "accuracy.png")
+    written.append(out_dir / ACCURACY_PLOT)
     fig.savefig(written[-1], dpi=120)
 
     if shows_consensus(metrics):
@@ -93,10 +95,10 @@ def plot_run(metrics: list[dict[str, Any]], out_dir: Path, title: str) -> list[P
         integer_rounds(ax, rounds)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        written.append(out_dir / "consensus.png")
+        written.append(out_dir / CONSENSUS_PLOT)
         fig.savefig(written[-1], dpi=120)
     else:
-        (out_dir / "consensus.png").unlink(missing_ok=True)  # a rerun into the same folder: no stale panel
+        (out_dir / CONSENSUS_PLOT).unlink(missing_ok=True)  # a rerun into the same folder: no stale panel
     return written
 
 
@@ -128,6 +130,6 @@ def plot_churn(metrics: list[dict[str, Any]], out_dir: Path, title: str) -> Path
         ax.grid(alpha=0.3)
     integer_rounds(low, rounds)
     fig.tight_layout()
-    path = out_dir / "churn.png"
+    path = out_dir / CHURN_PLOT
     fig.savefig(path, dpi=120)
     return path

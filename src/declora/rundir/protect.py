@@ -1,7 +1,7 @@
 """A run directory is never overwritten by accident, and an unwritable one stops the run up front.
 
-- :func:`check_out_dir` runs before anything is loaded: the folder (or its nearest existing parent)
-  must be a writable directory, and a folder that already holds a run is refused with one line
+- :func:`check_out_dir` runs before anything is loaded: a temporary file must be writable in the folder
+  (or its nearest existing parent), and a folder that already holds a run is refused with one line
   offering ``resume=DIR`` or ``overwrite=true``.
 - :func:`clear_run` (``overwrite=true``) removes the previous run's files once the new run has passed
   its set-up, so a stale checkpoint can never be resumed into the new run.
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from declora.errors import ConfigError
-
-# What a run writes (see declora.rundir.layout); any of them means the folder holds a run.
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "DONE", "checkpoints")
-RUN_FILES = ("config.yaml", "environment.json", "metrics.jsonl", "summary.json", "DONE")
-RUN_FOLDERS = ("adapters", "plots", "checkpoints", "ranks")
+from declora.rundir.layout import RUN_FILES, RUN_FOLDERS, RUN_MARKERS
 
 
 def holds_run(path: str | Path) -> bool:
@@ -28,22 +25,39 @@ def holds_run(path: str | Path) -> bool:
     return any((Path(path) / name).exists() for name in RUN_MARKERS)
 
 
-def check_writable(path: str | Path, option: str = "out_dir") -> None:
-    """Stop unless ``path`` is, or can be created as, a directory this process can write.
+def check_writable(path: str | Path, option: str = "out_dir", folder: bool = True) -> None:
+    """Stop unless ``path`` is, or can be created as, a folder (``folder=False``: a file) this process can write.
+
+    Writability is proven, not assumed from permission bits (``os.access`` says yes to root on ``/proc``):
+    a temporary file is created and removed in ``path``, or in its nearest existing parent. Nothing is
+    left behind, so a check of a folder that is never used costs nothing.
+
+    Args:
+        path: the folder (or file) a command will write.
+        option: the option or flag that named it (``out_dir``, ``--out``, ``export OUT``), for the message.
+        folder: whether ``path`` is a folder (else a file, whose parent is probed).
 
     Raises:
-        ConfigError: one line naming ``option``, the folder and why.
+        ConfigError: one line naming ``option``, the path and why.
     """
     path = Path(path)
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
+    named = f"{option} {path}" if option.startswith("-") or " " in option else f"{option}={path}"
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder, not a file" if folder is False else "a file, not a folder"
+        raise ConfigError(f"{named}: {path} is {kind}; choose another {option}")
+    probe = path if folder else path.parent
+    while not probe.exists() and probe.parent != probe:
         probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise ConfigError(f"{option}={path}: {probe} is a file, not a folder; choose another {option}")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option}={path}: {probe} is not writable by this user; choose another {option}")
+    if not probe.is_dir():
+        raise ConfigError(f"{named}: {probe} is a file, not a folder; choose another {option}")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".declora-write-test-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        raise ConfigError(
+            f"{named}: {probe} is not writable ({err.strerror or err}); choose another {option}"
+        ) from None
 
 
 def check_out_dir(out_dir: str | None, *, resume: str | None, overwrite: bool) -> None:

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from declora.api import RunResult
     from declora.client.client import Client
     from declora.comm import Communicator
     from declora.config import Config
-    from declora.model.loading import State
+    from declora.training.result import RunResult
+    from declora.types import State
 
 
 class Callback:
@@ -80,23 +80,21 @@ def _takes_client_metrics(fn: Callable[..., Any]) -> bool:
 
 
 class CallbackList:
-    """The user's callbacks plus the trackers of ``report_to``, called in that order.
+    """The user's callbacks plus the run's trackers, called in that order.
 
     Args:
         callbacks: Callback objects, objects with some of its methods, or functions.
-        cfg: the run's config (``report_to`` names the trackers).
-        rank: this process; trackers exist on rank 0 only.
+        trackers: the ``report_to`` trackers this process logs to (the trainer builds them: rank 0 only).
+        active: whether any process has a callback or tracker; the same on every rank (unlike the
+            trackers themselves), so the stop vote is a collective all processes join.
     """
 
-    def __init__(self, callbacks: Iterable[Any] | None, cfg: Config, rank: int = 0) -> None:
-        from declora.training.trackers import build_trackers
-
+    def __init__(
+        self, callbacks: Iterable[Any] | None, trackers: Iterable[Callback] = (), active: bool = False
+    ) -> None:
         self.callbacks = [_FunctionCallback(c) if inspect.isroutine(c) else c for c in callbacks or []]
-        names = [n for n in cfg.report_to if n != "none"]
-        # Same on every rank (unlike the trackers themselves), so the stop vote is a collective all join.
-        self.active = bool(self.callbacks or names)
-        if rank == 0:
-            self.callbacks += build_trackers(names)
+        self.active = bool(self.callbacks) or active
+        self.callbacks += list(trackers)
 
     def _each(self, hook: str) -> Iterable[Callable[..., Any]]:
         for cb in self.callbacks:
@@ -134,8 +132,8 @@ class CallbackList:
         return comm.total(1.0 if stop else 0.0) > 0
 
     def train_end(self, summary: dict[str, Any], history: list[dict[str, Any]], cfg: Config) -> RunResult:
-        """Build the run's :class:`~declora.api.RunResult` and call every ``on_train_end`` with it."""
-        from declora.api import RunResult
+        """Build the run's :class:`~declora.training.result.RunResult`; call every ``on_train_end`` with it."""
+        from declora.training.result import RunResult
 
         result = RunResult(summary, list(history), Path(summary["run_dir"]), cfg)
         for fn in self._each("on_train_end"):

@@ -6,7 +6,7 @@
 <run>/checkpoints/round_<t>/COMPLETE.json    written by rank 0 once every process has saved round t
 ```
 
-Each file is written with :func:`~declora.rundir.layout.atomic_write_bytes` (temporary file, fsync, rename),
+Each file is written with :func:`~declora.rundir.files.atomic_write_bytes` (temporary file, fsync, rename),
 so a crash during a save leaves at most a stray ``.tmp`` file, never a truncated ``rank_<r>.pt``. A
 round without its marker is never loaded: resume continues from the newest round that has one. After
 a marker is written the older rounds are deleted, so a run keeps its ``checkpoint_keep`` newest
@@ -35,10 +35,19 @@ from declora.comm import Communicator
 from declora.config import Config, ConfigError
 from declora.errors import CheckpointError
 from declora.rundir import integrity
-from declora.rundir.layout import atomic_write_bytes, atomic_write_text
+from declora.rundir.files import atomic_write_bytes, atomic_write_text
+from declora.rundir.layout import (
+    CHECKPOINTS,
+    CLEANED,
+    CONFIG,
+    MARKER,
+    ROUND_GLOB,
+    rank_file,
+    rank_file_name,
+    round_dir,
+    round_of,
+)
 
-CHECKPOINTS = "checkpoints"
-MARKER = "COMPLETE.json"
 # Options that may differ between a run and its resumption: they change neither the numbers of the
 # rounds already done nor those to come (train.rounds only extends the run).
 # train.lr changes only the rounds to come (the restored optimizer's rates are rescaled): the way to go
@@ -81,14 +90,6 @@ class Progress:
     wall_s: float = 0.0
 
 
-def round_dir(run: Path, round_: int) -> Path:
-    return Path(run) / CHECKPOINTS / f"round_{round_:06d}"
-
-
-def rank_file(run: Path, round_: int, rank: int) -> Path:
-    return round_dir(run, round_) / f"rank_{rank}.pt"
-
-
 def due(cfg: Config, round_: int) -> bool:
     """Whether round ``round_`` ends with a checkpoint (every ``checkpoint_every`` rounds and the last)."""
     every = cfg.checkpoint_every
@@ -129,36 +130,18 @@ def save(
 def prune(run: Path, keep: int, rank: int) -> None:
     """Delete this process's files (and, rank 0, the markers) of every round before ``keep``."""
     root = Path(run) / CHECKPOINTS
-    for folder in sorted(root.glob("round_*")):
-        if _round_of(folder) >= keep:
+    for folder in sorted(root.glob(ROUND_GLOB)):
+        if round_of(folder) >= keep:
             continue
         if rank == 0:
             (folder / MARKER).unlink(missing_ok=True)  # first: the round stops being complete
-        for f in [*folder.glob(f"rank_{rank}.pt"), *folder.glob(f".rank_{rank}.pt.*")]:
+        own = rank_file_name(rank)
+        for f in [*folder.glob(own), *folder.glob(f".{own}.*")]:  # and a crashed save's temporary file
             f.unlink(missing_ok=True)
         try:
             folder.rmdir()  # once every rank's file (and the marker) is gone
         except OSError:
             pass
-
-
-def _round_of(folder: Path) -> int:
-    try:
-        return int(folder.name.removeprefix("round_"))
-    except ValueError:
-        return -1
-
-
-def latest_complete(run: Path) -> int:
-    """The newest round whose marker exists and names it; 0 if there is none."""
-    rounds = []
-    for marker in (Path(run) / CHECKPOINTS).glob(f"round_*/{MARKER}"):
-        try:
-            if json.loads(marker.read_text())["round"] == _round_of(marker.parent):
-                rounds.append(_round_of(marker.parent))
-        except (OSError, ValueError, KeyError):
-            continue
-    return max(rounds, default=0)
 
 
 def restore(
@@ -243,7 +226,7 @@ def check_resumable(cfg: Config) -> None:
         if skipped and not found:
             integrity.resume_round(cfg.resume)  # CheckpointError naming the file, before any model is loaded
     schema = OmegaConf.structured(Config)
-    saved = _flat(OmegaConf.to_container(OmegaConf.merge(schema, OmegaConf.load(Path(cfg.resume) / "config.yaml"))))
+    saved = _flat(OmegaConf.to_container(OmegaConf.merge(schema, OmegaConf.load(Path(cfg.resume) / CONFIG))))
     now = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
     changed = [
         f"{key}={now.get(key)!r} but the run used {saved.get(key)!r}"
@@ -265,14 +248,11 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-CLEANED = "CLEANED.txt"  # left in checkpoints/ by cleanup(): resume then says why there is nothing to load
-
-
 def oldest_kept(run: Path, newest: int, rank: int, keep: int) -> int:
     """The oldest of the ``keep`` newest rounds <= ``newest`` that hold this process's file."""
     root = Path(run) / CHECKPOINTS
     rounds = sorted(
-        {_round_of(f) for f in root.glob("round_*") if _round_of(f) <= newest and (f / f"rank_{rank}.pt").is_file()}
+        {round_of(f) for f in root.glob(ROUND_GLOB) if round_of(f) <= newest and (f / rank_file_name(rank)).is_file()}
     )
     return rounds[-keep] if len(rounds) >= keep else (rounds[0] if rounds else newest)
 

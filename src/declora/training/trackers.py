@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from declora.errors import ConfigError
+from declora.rundir.layout import AVERAGE, CONFIG, SUMMARY, adapter_dir
 from declora.training.callbacks import Callback
 
 if TYPE_CHECKING:
-    from declora.api import RunResult
     from declora.config import Config
-    from declora.model.loading import State
+    from declora.training.result import RunResult
+    from declora.types import State
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
@@ -134,10 +135,10 @@ class MLflowTracker(Tracker):
 
     def on_train_end(self, result: RunResult) -> None:
         self.mlflow.log_metrics(numbers(result.summary, "summary/"))
-        adapter = result.run_dir / "adapters" / "average"
+        adapter = adapter_dir(result.run_dir, AVERAGE)
         if adapter.is_dir():
             self.mlflow.log_artifacts(str(adapter), "adapter")
-        for name in ("summary.json", "config.yaml"):
+        for name in (SUMMARY, CONFIG):
             if (result.run_dir / name).is_file():
                 self.mlflow.log_artifact(str(result.run_dir / name))
         if self.own:
@@ -175,11 +176,11 @@ class WandbTracker(Tracker):
 
     def on_train_end(self, result: RunResult) -> None:
         self.run.summary.update(numbers(result.summary, "summary/"))
-        adapter = result.run_dir / "adapters" / "average"
+        adapter = adapter_dir(result.run_dir, AVERAGE)
         if adapter.is_dir():
             artifact = self.wandb.Artifact(f"adapter-{result.run_dir.name}", type="model")
             artifact.add_dir(str(adapter))
-            artifact.add_file(str(result.run_dir / "summary.json"))
+            artifact.add_file(str(result.run_dir / SUMMARY))
             self.run.log_artifact(artifact)
         self.run.finish()
 
