@@ -233,9 +233,9 @@ def read_texts(file: str | Path, lr: LoadedRun) -> list[str]:
     if not file.is_file():
         raise ConfigError(f"--file {file}: no such file")
     if file.suffix in (".tsv", ".csv", ".jsonl", ".json", ".parquet"):
-        from declora.data.loading import _load_local
+        from declora.data.sources import load_local
 
-        ds = _load_local(file.parent, file.stem)
+        ds = load_local(file.parent, file.stem)
         column = next(iter(_text_dataset(lr, [""]).column_names))
         if column not in ds.column_names:
             raise ConfigError(f"--file {file}: no column {column!r} (has {ds.column_names})")
@@ -249,11 +249,14 @@ def export(run_dir: str | Path, out: str | Path, adapter: str = AVERAGE, merge: 
     ``AutoModelForSequenceClassification/AutoModelForCausalLM.from_pretrained(out)``.
 
     Raises:
-        ConfigError: ``out`` exists and is not empty.
+        ConfigError: ``out`` exists and is not empty, or cannot be written (checked before the model loads).
     """
+    from declora.rundir.protect import check_writable
+
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"export: {out} exists and is not empty; give a new folder")
+    check_writable(out, "export OUT")  # proven before the model loads and merges
     lr = load_run(run_dir, adapter)
     source = adapter_dir(lr.path, adapter)
     if not merge:

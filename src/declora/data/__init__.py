@@ -1,1 +1,2 @@
-"""Task data: loading and tokenizing, batch streams and length grouping, data checks, causal-LM prompts, validation splits."""
+"""Task data: loading and tokenizing, batch streams and length grouping, data checks, causal-LM
+prompts, validation splits."""

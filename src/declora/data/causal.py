@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from declora.config import ConfigError, DataConfig
-from declora.data.loading import TASKS, TaskData, TokenizedSplit, _labels, _subsample, read_splits, tokenize_in_chunks
+from declora.data.loading import tokenize_in_chunks
+from declora.data.sources import label_ids, read_splits, subsample
+from declora.data.tasks import TASKS, TaskData, TokenizedSplit
 
 IGNORE = -100  # the label torch's cross-entropy (and transformers' LM loss) skips
 
@@ -89,8 +91,8 @@ def _read(
         for option, col in columns.items():
             if col not in ds.column_names:
                 raise ConfigError(f"{option}: {col!r} is not a column of the {part} split {ds.column_names}")
-    raw["train"] = _subsample(raw["train"], cfg.max_train_examples, seed)
-    raw["eval"] = _subsample(raw["eval"], cfg.max_eval_examples, seed + 1)
+    raw["train"] = subsample(raw["train"], cfg.max_train_examples, seed)
+    raw["eval"] = subsample(raw["eval"], cfg.max_eval_examples, seed + 1)
     return raw, source
 
 
@@ -142,7 +144,7 @@ def load_causal_task(
         raise ConfigError(f"data.verbalizers={verbalizers}: each must tokenize to distinct, non-empty tokens")
 
     def tokenize(ds: Any, part: str) -> TokenizedSplit:
-        labels = _labels(ds[label_col], names, f"{part} split of {source}")
+        labels = label_ids(ds[label_col], names, f"{part} split of {source}")
         prompts = [_fill(template, row) for row in ds]
         ids, lm = encode(tokenizer, prompts, [verbalizers[k] for k in labels], max_length)
         return TokenizedSplit(ids, None, labels, lm)

@@ -6,7 +6,9 @@ Run while the data is read, before any model is loaded:
 - a file the dataset loader cannot parse (its first error line, with the file's name);
 - a label column read as floats because a row is blank or lacks its label (the row is named); a
   float label column without gaps (``0.0``/``1.0``) is read as the integers it holds;
-- ``partition.proportions`` rows longer than the number of classes the data has.
+- ``partition.proportions`` rows longer than the number of classes the data has;
+- a client left without examples by the split, and a ``data.validation_split`` the data lacks
+  (:func:`check_before_model`, once the split is drawn and before the model loads).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from declora.errors import DataError
+from declora.errors import ConfigError, DataError
 
 _TEXT_TABLES = (".tsv", ".csv")
 
@@ -115,3 +117,53 @@ def check_proportions(kind: str, proportions: list[list[float]] | None, names: l
             f"partition.proportions rows have {longest} entries but the training data in {source} has "
             f"{len(names)} classes ({', '.join(names)}); give {len(names)} proportions per row"
         )
+
+
+def _empty_client_fix(partition: Any) -> str:
+    """How to give every client data under ``partition.kind`` (named by option)."""
+    if partition.kind == "dirichlet":
+        return (
+            f"set partition.min_partition_size >= 1 (now {partition.min_partition_size}; Dirichlet then resamples) "
+            f"or raise partition.alpha (now {partition.alpha:g})"
+        )
+    if partition.kind == "shards":
+        return f"lower partition.shards_per_client (now {partition.shards_per_client}) or train.clients"
+    if partition.kind == "label_proportions":
+        return "give that client a share of a class the data has in partition.proportions"
+    return "lower train.clients or raise data.max_train_examples"
+
+
+def check_partition(parts: list[Any], partition: Any) -> None:
+    """Every client's share of the training data must hold an example (checked before the model loads).
+
+    Args:
+        parts: each worker's training indices (a pooled, centralized run has one).
+        partition: the ``partition`` section, for the fix.
+
+    Raises:
+        ConfigError: naming the first empty client, how many are empty, and the option to change.
+    """
+    empty = [i for i, part in enumerate(parts) if len(part) == 0]
+    if empty:
+        raise ConfigError(
+            f"partition.kind={partition.kind} leaves client {empty[0]} with no training examples "
+            f"({len(empty)} of {len(parts)} clients empty); {_empty_client_fix(partition)}"
+        )
+
+
+def check_before_model(cfg: Any, parts: list[Any], given_splits: Any = None) -> None:
+    """The data checks that need the split but no model: empty clients, and ``data.validation_split``.
+
+    Args:
+        cfg: the run's config.
+        parts: each worker's training indices.
+        given_splits: datasets passed in memory (``declora.train(data=...)``): no validation split file.
+
+    Raises:
+        ConfigError: an empty client, or a ``data.validation_split`` the data does not have.
+    """
+    check_partition(parts, cfg.partition)
+    if not given_splits:
+        from declora.data.validation import validation_split_name
+
+        validation_split_name(cfg)  # the same resolution load_validation makes after the model loads

@@ -24,7 +24,8 @@ from dataclasses import replace
 from typing import Any
 
 from declora.config import Config, ConfigError
-from declora.data.loading import TASKS, TaskData, _load_hub, _load_local, find_data_dir
+from declora.data.sources import find_data_dir, load_hub, load_local
+from declora.data.tasks import TASKS, TaskData
 
 DEV_STEMS = ("dev", "validation", "val")  # file stems auto-detected as a validation split
 _EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json", ".parquet")
@@ -70,11 +71,11 @@ def read_split(cfg: Config, split: str) -> tuple[Any, str]:
     """One raw split (a ``datasets.Dataset``) of the run's data and where it came from."""
     directory = find_data_dir(cfg.data)
     if directory is not None:
-        return _load_local(directory, split), str(directory)
+        return load_local(directory, split), str(directory)
     spec = TASKS.get(cfg.data.task)
     if spec is None:
         raise ConfigError("data.task=generic needs data.path=DIR")
-    return _load_hub(spec, split), "hub:" + "/".join(p for p in spec.hub_path if p)
+    return load_hub(spec, split), "hub:" + "/".join(p for p in spec.hub_path if p)
 
 
 def _label_carrier(raw: Any, cfg: Config, label_names: list[str]) -> Any:

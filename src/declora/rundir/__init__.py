@@ -1,1 +1,2 @@
-"""The run folder: its file names and layout, atomic files, protection, provenance, checkpoint integrity, adapters, plots."""
+"""The run folder: its file names and layout, atomic files, protection, provenance, checkpoint
+integrity, adapters, plots."""

@@ -1,1 +1,2 @@
-"""The training loop: set-up, the round loop, the end of a run, what a run takes and returns, callbacks, trackers, checkpoints."""
+"""The training loop: set-up, the round loop, the end of a run, what a run takes and returns,
+callbacks, trackers and checkpoints."""

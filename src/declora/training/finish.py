@@ -19,7 +19,7 @@ from declora.model.loading import load_state, num_parameters
 from declora.model.peft_methods import save_trainable
 from declora.model.quantized import base_model_bytes
 from declora.partition import partition_counts
-from declora.rundir.adapters import describe_adapters
+from declora.rundir.adapters import describe_adapters, save_best
 from declora.rundir.files import atomic_write_text, share_files
 from declora.rundir.writer import RunDir
 from declora.training.checkpoint import Progress
@@ -60,22 +60,47 @@ def finish(
             rows, bytes and times.
         churn: the run's churn schedule (``missed_rounds`` in the summary), None without churn.
     """
-    rounds, history, total_bytes = progress.round, progress.history, progress.total_bytes
-    train_s, wall_s = progress.train_s, progress.wall_s
-    cfg, tc = s.cfg, s.cfg.train
-    mean = s.algorithm.averaged(comm, {i: c.state() for i, c in clients.items()})
-    Guard(tc.lr, rd.path).states(rounds, {"average": mean}, "averaged model")  # never an adapter from NaN
+    cfg = s.cfg
+    members = churn.members(progress.round) if churn and progress.round else None  # left / not joined: out
+    mean = s.algorithm.averaged(comm, {i: c.state() for i, c in clients.items()}, members)
+    Guard(cfg.train.lr, rd.path).states(progress.round, {"average": mean}, "averaged model")  # never from NaN
     if cfg.save_adapters:
-        if comm.local_clients[0] == 0 and cfg.runtime != "swarm":  # a swarm peer has no global average
-            save_adapter(s.model, mean, rd.adapter_dir("average"))
-        for i, c in clients.items():
-            save_adapter(s.model, c.state(), rd.adapter_dir(f"client_{i}"))
-            s.algorithm.finish_adapter(i, rd.adapter_dir(f"client_{i}"))  # peft.ranks: cut to the peer's rank
+        save_adapters(s, clients, comm, rd, mean)
+    summary = summarize(s, clients, comm, progress, churn) | {"run_dir": str(rd.path)}
+    if cfg.runtime == "distributed":  # this rank's own wall time, memory and throughput
+        rd.write_rank_summary(comm.rank, summary | {"rank": comm.rank})
+    if comm.rank != 0:
+        return summary
+    rd.write_summary(summary)
+    if cfg.save_adapters:  # portable base name, labels, model card (declora.rundir.adapters)
+        describe_adapters(rd.path, cfg, summary, progress.history, s.tokenizer)
+    if cfg.plots:
+        plot(s, rd, summary, progress.history)
+    atomic_write_text(rd.path / "DONE", "")
+    return summary
+
+
+def save_adapters(
+    s: Setup, clients: dict[int, Client], comm: Communicator, rd: RunDir, mean: dict[str, torch.Tensor]
+) -> None:
+    """adapters/average (the reported model) and adapters/client_<i> (each local client's own)."""
+    if comm.local_clients[0] == 0 and s.cfg.runtime != "swarm":  # a swarm peer has no global average
+        save_best(s.model, mean, rd.adapter_dir("average"), save_adapter)  # dec_decaf: at the mean's rank k
+    for i, c in clients.items():
+        save_adapter(s.model, c.state(), rd.adapter_dir(f"client_{i}"))
+        s.algorithm.finish_adapter(i, rd.adapter_dir(f"client_{i}"))  # peft.ranks: cut to the peer's rank
+
+
+def summarize(
+    s: Setup, clients: dict[int, Client], comm: Communicator, progress: Progress, churn: Churn | None
+) -> dict[str, Any]:
+    """summary.json's fields (all but ``run_dir``)."""
+    cfg, tc = s.cfg, s.cfg.train
+    rounds, history, train_s = progress.round, progress.history, progress.train_s
     workers = s.algorithm.workers(tc)
     samples = rounds * s.algorithm.steps_per_round(tc) * tc.batch_size * tc.grad_accumulation * workers
     trained = {n: t for n, t in s.init.items() if s.algorithm.is_trained(n)}  # what clients train and send
-    counts = partition_counts(s.parts, s.data.train.labels, s.data.num_labels)
-    summary = {
+    return {
         "algorithm": tc.algorithm,
         "model": cfg.model.name_or_path,
         "task": cfg.data.task,
@@ -91,7 +116,7 @@ def finish(
         "final_accuracy": history[-1]["accuracy"],
         "final_client_accuracy_mean": history[-1]["client_accuracy_mean"],
         "final_consensus_error": history[-1]["consensus_error"],
-        "total_bytes_sent": total_bytes,
+        "total_bytes_sent": progress.total_bytes,
         "trainable_params": num_parameters(trained),
         "message_bytes": state_bytes(trained),
         "base_model_mb": round(base_model_bytes(s.model, exclude=s.init) / 2**20, 3),
@@ -100,33 +125,29 @@ def finish(
         "eval_examples": len(s.data.eval),
         "validation_examples": len(s.validation.eval) if s.validation is not None else 0,
         "samples": samples,
-        "wall_s": round(wall_s, 2),
+        "wall_s": round(progress.wall_s, 2),
         "train_s": round(train_s, 2),
         "samples_per_s": round(samples / max(train_s, 1e-9), 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "partition_counts": counts.tolist(),
+        "partition_counts": partition_counts(s.parts, s.data.train.labels, s.data.num_labels).tolist(),
         "label_names": s.data.label_names,
         "data_source": s.data.source,
         "device": str(s.device),
         "seed": tc.seed,
         **churn_summary(s, churn, rounds),
         **privacy_summary(clients, comm, cfg),  # dp_sgd: final (epsilon, delta) of every peer
-        "run_dir": str(rd.path),
     }
-    if cfg.runtime == "distributed":  # this rank's own wall time, memory and throughput
-        rd.write_rank_summary(comm.rank, summary | {"rank": comm.rank})
-    if comm.rank != 0:
-        return summary
-    rd.write_summary(summary)
-    if cfg.save_adapters:  # portable base name, labels, model card (declora.rundir.adapters)
-        describe_adapters(rd.path, cfg, summary, history, s.tokenizer)
-    if cfg.plots:
-        from declora.partition import plot_partition
-        from declora.rundir.plots import plot_churn, plot_run, run_title
 
-        title = run_title(cfg, summary)
-        plot_run(history, rd.path / "plots", title)
-        plot_churn(history, rd.path / "plots", title)  # only with churn: online peers and live edges
-        plot_partition(counts, str(rd.path / "plots" / "partition.png"), s.data.label_names, title)
-    atomic_write_text(rd.path / "DONE", "")
-    return summary
+
+def plot(s: Setup, rd: RunDir, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """plots/: the run's curves, churn (only with churn) and the partition."""
+    import numpy as np
+
+    from declora.partition import plot_partition
+    from declora.rundir.plots import plot_churn, plot_run, run_title
+
+    title = run_title(s.cfg, summary)
+    plot_run(history, rd.path / "plots", title)
+    plot_churn(history, rd.path / "plots", title)  # only with churn: online peers and live edges
+    counts = np.asarray(summary["partition_counts"])
+    plot_partition(counts, str(rd.path / "plots" / "partition.png"), s.data.label_names, title)
