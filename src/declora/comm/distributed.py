@@ -26,7 +26,6 @@ as one rank exits, each survivor prints its one line before it stops (:func:`dis
 from __future__ import annotations
 
 import os
-import time
 from datetime import timedelta
 
 import numpy as np
@@ -35,10 +34,10 @@ import torch.distributed as dist
 
 from declora.comm import dist_safety
 from declora.comm.base import Communicator, Message, State, message_bytes, neighbors
+from declora.comm.dist_failures import FailureReports
 from declora.comm.dist_safety import BadMessage, PeerFailure
 from declora.comm.messages import MessageRejected, check_finite
 from declora.config import CommConfig, ConfigError
-from declora.errors import PeerError
 from declora.fault_injection import poisoned
 
 
@@ -76,7 +75,7 @@ def env_rank_world() -> tuple[int, int]:
         ) from None
 
 
-class DistributedCommunicator(Communicator):
+class DistributedCommunicator(FailureReports, Communicator):
     """One client per rank over an initialised default process group.
 
     Args:
@@ -151,90 +150,6 @@ class DistributedCommunicator(Communicator):
             raise PeerFailure(None, 0, rank, "start-up", str(err)) from None
         box.append(comm)
         return comm
-
-    def sigterm_line(self) -> str:
-        """What this rank says when the launcher SIGTERMs it (torchrun does as soon as any rank exits)."""
-        self._sigterm_dead = dist_safety.exited(self.processes)  # one snapshot for the line and the code
-        return dist_safety.sigterm_line(self.rank, self.round, self.processes, self._sigterm_dead)
-
-    def sigterm_code(self) -> int:
-        """1 when the line names an exited peer, else 128 + SIGTERM (the same snapshot as the line)."""
-        dead = getattr(self, "_sigterm_dead", None)
-        dead = dist_safety.exited(self.processes) if dead is None else dead
-        return PeerError.exit_code if dead else dist_safety.SIGTERM_EXIT
-
-    # -- failure handling ------------------------------------------------------------------------------
-    def _report(self, peer: int, kind: str = "missing", detail: str = "") -> None:
-        """Record in the rendezvous store that ``peer`` failed (best effort: the store may be gone too).
-
-        ``kind`` is ``missing`` or ``bad`` (it sent a bad message); the value is ``round|reporter|kind|detail``.
-        """
-        try:
-            if self.store is not None:
-                self.store.set(f"failed/{peer}", f"{self.round}|{self.rank}|{kind}|{detail[:200]}")
-        except Exception:  # noqa: BLE001 - the store lives with rank 0 or the agent; it may be dead as well
-            pass
-
-    def _report_about(self, exclude: int | None = None) -> PeerError | None:
-        """The failure some rank recorded about a peer other than ``exclude``, as an error (None: none).
-
-        A bad message outranks a missing peer (the ranks that stop because of it look missing to theirs).
-        """
-        found: list[tuple[bool, int, int, str, str, str]] = []
-        try:
-            for peer in range(self.num_clients):
-                if peer == exclude or self.store is None or not self.store.check([f"failed/{peer}"]):
-                    continue
-                round_, reporter, kind, detail = self.store.get(f"failed/{peer}").decode().split("|", 3)
-                found.append((kind != "bad", peer, int(round_), reporter, kind, detail))
-        except Exception:  # noqa: BLE001 - best effort: the store may be gone
-            pass
-        for _, peer, round_, reporter, kind, detail in sorted(found):
-            if kind == "bad" and peer == self.rank:
-                return PeerError(
-                    f"rank {self.rank}: rank {reporter} rejected this rank's message at round {round_} ({detail}); "
-                    "stopping"
-                )
-            if kind == "bad":
-                return BadMessage(peer, round_, self.rank, detail, reporter=int(reporter))
-            if peer != self.rank:
-                return PeerFailure(peer, round_, self.rank, f"reported by rank {reporter}", detail)
-        return None
-
-    def _neighbour_failed(self, peer: int, what: str, err: Exception) -> PeerError:
-        """Neighbour ``peer`` broke an exchange: name it, unless it stopped because another peer failed.
-
-        A neighbour that stopped on a failure it detected recorded that failure before exiting, so its
-        record is in the store by the time this rank sees the broken connection.
-        """
-        dist_safety.mark_stopping()
-        reported = self._report_about(exclude=peer)
-        if reported is not None:
-            return reported
-        self._report(peer, "missing", " ".join(str(err).split())[:160])
-        return PeerFailure(peer, self.round, self.rank, what, str(err))
-
-    def _reported_peer(self, wait_s: float = 3.0) -> int | None:
-        """A peer some rank reported as failed; polls briefly since the report may still be on its way."""
-        deadline = time.monotonic() + wait_s
-        try:
-            while self.store is not None:
-                for peer in range(self.num_clients):
-                    if peer != self.rank and self.store.check([f"failed/{peer}"]):
-                        return peer
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-        except Exception:  # noqa: BLE001
-            pass
-        dead = dist_safety.exited(self.processes)  # nobody reported it: a peer on this machine that exited
-        return dead[0] if dead else None
-
-    def _collective_failed(self, what: str, err: Exception) -> PeerError:
-        dist_safety.mark_stopping()
-        peer = self._reported_peer()
-        reported = self._report_about() if peer is not None else None
-        return reported or PeerFailure(peer, self.round, self.rank, what, str(err))
 
     # -- transport ---------------------------------------------------------------------------------------
     def exchange(self, messages: dict[int, Message], W: np.ndarray) -> dict[int, dict[int, Message]]:
