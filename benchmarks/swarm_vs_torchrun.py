@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from _common import DECLORA, SHARED_SST2, model_name, overrides, per_round, timed
+
 from declora.rundir.layout import peer_dir
 
 

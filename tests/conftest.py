@@ -186,3 +186,39 @@ def ag_run(tiny_encoder: Path, agnews_small: Path, tmp_path_factory: pytest.Temp
     from declora.training.trainer import run
 
     return run(load_config(overrides=agnews_overrides(tiny_encoder, agnews_small, out)))
+
+
+# --- one-line errors: shared by the tests of the up-front checks (config, data, run folder, guards) ---
+def error_lines(err: str) -> list[str]:
+    """The ``declora: error:`` lines of stderr (other lines, e.g. warnings, are not errors)."""
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("declora: error:")]
+
+
+def one_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int) -> str:
+    """Run ``declora ARGV``: it must exit with ``code`` and print exactly one error line, returned."""
+    from declora.cli.app import main
+
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def train_run(overrides: list[str], *extra: str) -> dict:
+    """``declora.training.trainer.run`` on ``overrides + extra``; its summary."""
+    from declora.config import load_config
+    from declora.training.trainer import run
+
+    return run(load_config(overrides=[*overrides, *extra]))
+
+
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading the model fails the test: the error must come before it."""
+    import declora.training.setup
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(declora.training.setup, "build_model", boom)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from oracles import consensus_error, roundtrip
 
-from declora.algorithms.gossip import ChocoGossip, QuantizedGossip, build_gossip, compressed_gossip
+from declora.algorithms.gossip import ChocoGossip, QuantizedGossip, build_gossip, compressed_gossip, exact_gossip
 from declora.comm import InProcessCommunicator
 from declora.comm.base import Message, message_bytes, neighbors
 from declora.mixing.compress import Quantizer
@@ -62,7 +62,7 @@ def assert_same(a: dict[int, State], b: dict[int, State], atol: float = 0.0) -> 
 def test_compressed_gossip_at_32_bits_is_exact_gossip_bit_for_bit() -> None:
     topo = Topology.build("erdos_renyi", 7, p=0.5, seed=2)
     states = client_states(7)
-    exact, exact_bytes = InProcessCommunicator(7).gossip(states, topo.W)
+    exact, exact_bytes = exact_gossip(InProcessCommunicator(7), states, topo.W)
     mixed, sent = compressed_gossip(WireCommunicator(7), states, topo.W, Quantizer(32))
     assert_same(mixed, exact)
     assert sent == exact_bytes
@@ -121,7 +121,7 @@ def test_choco_at_32_bits_with_unit_step_is_exact_gossip() -> None:
     for round_ in range(3):
         states, exact = local_steps(states, round_), local_steps(exact, round_)
         states, _ = choco(InProcessCommunicator(6), states, topo.W)
-        exact, _ = InProcessCommunicator(6).gossip(exact, topo.W)
+        exact, _ = exact_gossip(InProcessCommunicator(6), exact, topo.W)
         assert_same(states, exact, atol=1e-6)
 
 
@@ -134,7 +134,7 @@ def test_error_feedback_reaches_consensus_where_plain_compression_stalls(bits: i
     for _ in range(60):
         a, _ = plain(InProcessCommunicator(8), a, topo.W)
         b, _ = choco(InProcessCommunicator(8), b, topo.W)
-        exact, _ = InProcessCommunicator(8).gossip(exact, topo.W)
+        exact, _ = exact_gossip(InProcessCommunicator(8), exact, topo.W)
     c0 = consensus_error(list(start.values()))
     c_exact, c_plain, c_choco = (consensus_error(list(s.values())) for s in (exact, a, b))
     assert c_choco < 1e-3 * c0  # converges, like exact gossip does

@@ -266,6 +266,3 @@ def plot_compare(runs: list[RunRecord], path: str | Path) -> None:
     fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(runs) + 2) // 3), 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-
-
-load_run = read_run  # TEMPORARY: cli/tools.py still imports this name (switched after the cli split; then removed)

@@ -160,4 +160,3 @@ def dynamic_mixing_matrix(W: np.ndarray, live: LiveRound, rule: str = "diagonal"
     nbrs = {i: live.neighbours(i) for i in range(n)}
     degrees = {i: len(v) for i, v in nbrs.items()}
     return np.stack([local_row(W, i, nbrs[i], rule, degrees) for i in range(n)])
-

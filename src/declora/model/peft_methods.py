@@ -176,5 +176,7 @@ def save_trainable(model: nn.Module, state: dict[str, torch.Tensor], path: Path)
         return
     from safetensors.torch import save_file
 
+    from declora.rundir.layout import HEAD_WEIGHTS  # names only: imports nothing of declora
+
     path.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.detach().contiguous().cpu() for n, t in state.items()}, str(path / "head.safetensors"))
+    save_file({n: t.detach().contiguous().cpu() for n, t in state.items()}, str(path / HEAD_WEIGHTS))

@@ -197,7 +197,8 @@ def model_card(name: str, cfg: Config, summary: dict[str, Any], meta: dict[str, 
     ]
     which = meta["adapter"]
     what = {
-        AVERAGE: "the averaged model: the mean over all clients of every trained tensor after the last round",
+        AVERAGE: "the averaged model after the last round: the mean over the member clients of every trained "
+        "tensor (dec_decaf and peft.ranks: of every LoRA update B A, exactly)",
         BEST: f"the averaged model after round {meta.get('round')}, the round of highest validation accuracy",
     }.get(which, f"client {which.removeprefix('client_')}'s own adapter after the last round")
     facts = "\n".join(f"- **{k}:** {v}" for k, v in _facts(cfg, summary))

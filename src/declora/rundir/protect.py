@@ -56,7 +56,8 @@ def check_writable(path: str | Path, option: str = "out_dir", folder: bool = Tru
         os.unlink(name)
     except OSError as err:
         raise ConfigError(
-            f"{named}: {probe} is not writable ({err.strerror or err}); choose another {option}"
+            f"{named}: {probe} is not writable (a test file could not be created: {err.strerror or err}); "
+            f"choose another {option}"
         ) from None
 
 

@@ -1,4 +1,4 @@
-"""Host and code facts recorded in ``environment.json`` beside the versions :mod:`declora.rundir.layout` lists.
+"""What ``environment.json`` records next to every run: versions, host and code facts.
 
 Threads (torch's intra-op count, the CPU count, ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``) and the CPU
 model explain wall times; the declora version and git commit (``+dirty`` with uncommitted changes)
@@ -10,9 +10,25 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+
+def environment() -> dict[str, Any]:
+    """Versions of python and the stack, the platform and the command line."""
+    out: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "argv": sys.argv,
+    }
+    for pkg in ("declora", "torch", "transformers", "peft", "datasets", "networkx", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def cpu_model() -> str | None:
@@ -27,7 +43,7 @@ def cpu_model() -> str | None:
 
 def git_commit() -> str | None:
     """The commit of the checkout declora runs from (an editable install), ``+dirty`` if modified; else None."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]  # <repo>/src/declora/rundir/provenance.py
     if not (root / ".git").exists():
         return None
     try:

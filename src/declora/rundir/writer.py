@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import platform
-import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +13,7 @@ from declora.rundir.files import atomic_write_text
 from declora.rundir.files import dumps as strict_json
 from declora.rundir.layout import read_metrics
 from declora.rundir.protect import new_folder
-
-
-def environment() -> dict[str, Any]:
-    """Versions and host facts recorded next to every run."""
-    out: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "argv": sys.argv,
-    }
-    for pkg in ("declora", "torch", "transformers", "peft", "datasets", "networkx", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
+from declora.rundir.provenance import environment, run_environment
 
 
 class RunDir:
@@ -44,8 +27,6 @@ class RunDir:
 
     def write_config(self, cfg: Config) -> None:
         atomic_write_text(self.path / layout.CONFIG, to_yaml(cfg))
-        from declora.rundir.provenance import run_environment
-
         env = environment() | run_environment(cfg.model.name_or_path) | {"seed": cfg.train.seed}
         atomic_write_text(self.path / layout.ENVIRONMENT, json.dumps(env, indent=2) + "\n")
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from declora.byzantine.report import byzantine_summary
 from declora.client.client import Client
 from declora.client.dp_sgd import summary as privacy_summary
 from declora.client.guards import Guard
@@ -19,8 +20,9 @@ from declora.model.loading import load_state, num_parameters
 from declora.model.peft_methods import save_trainable
 from declora.model.quantized import base_model_bytes
 from declora.partition import partition_counts
+from declora.rundir import layout
 from declora.rundir.adapters import describe_adapters, save_best
-from declora.rundir.files import atomic_write_text, share_files
+from declora.rundir.files import share_files
 from declora.rundir.writer import RunDir
 from declora.training.checkpoint import Progress
 from declora.training.setup import Setup
@@ -76,7 +78,7 @@ def finish(
         describe_adapters(rd.path, cfg, summary, progress.history, s.tokenizer)
     if cfg.plots:
         plot(s, rd, summary, progress.history)
-    atomic_write_text(rd.path / "DONE", "")
+    rd.mark_done()
     return summary
 
 
@@ -85,10 +87,10 @@ def save_adapters(
 ) -> None:
     """adapters/average (the reported model) and adapters/client_<i> (each local client's own)."""
     if comm.local_clients[0] == 0 and s.cfg.runtime != "swarm":  # a swarm peer has no global average
-        save_best(s.model, mean, rd.adapter_dir("average"), save_adapter)  # dec_decaf: at the mean's rank k
+        save_best(s.model, mean, rd.adapter_dir(layout.AVERAGE), save_adapter)  # dec_decaf: at the mean's rank k
     for i, c in clients.items():
-        save_adapter(s.model, c.state(), rd.adapter_dir(f"client_{i}"))
-        s.algorithm.finish_adapter(i, rd.adapter_dir(f"client_{i}"))  # peft.ranks: cut to the peer's rank
+        save_adapter(s.model, c.state(), rd.adapter_dir(layout.client_adapter(i)))
+        s.algorithm.finish_adapter(i, rd.adapter_dir(layout.client_adapter(i)))  # peft.ranks: cut to the peer's rank
 
 
 def summarize(
@@ -136,6 +138,7 @@ def summarize(
         "seed": tc.seed,
         **churn_summary(s, churn, rounds),
         **privacy_summary(clients, comm, cfg),  # dp_sgd: final (epsilon, delta) of every peer
+        **byzantine_summary(s.algorithm, comm, cfg),  # byzantine.* / comm.robust: attackers and suspects
     }
 
 
@@ -147,7 +150,7 @@ def plot(s: Setup, rd: RunDir, summary: dict[str, Any], history: list[dict[str, 
     from declora.rundir.plots import plot_churn, plot_run, run_title
 
     title = run_title(s.cfg, summary)
-    plot_run(history, rd.path / "plots", title)
-    plot_churn(history, rd.path / "plots", title)  # only with churn: online peers and live edges
+    plot_run(history, rd.plots_dir, title)
+    plot_churn(history, rd.plots_dir, title)  # only with churn: online peers and live edges
     counts = np.asarray(summary["partition_counts"])
-    plot_partition(counts, str(rd.path / "plots" / "partition.png"), s.data.label_names, title)
+    plot_partition(counts, str(rd.plots_dir / layout.PARTITION_PLOT), s.data.label_names, title)

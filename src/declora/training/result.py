@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from declora.errors import ConfigError
+from declora.rundir import layout
 
 if TYPE_CHECKING:
     import torch
@@ -66,8 +67,8 @@ class RunResult:
 
     def adapter_dir(self, adapter: str | int = "average") -> Path:
         """``adapters/average`` or ``adapters/client_<i>`` (``adapter`` = "average", i or "client_<i>")."""
-        name = f"client_{adapter}" if isinstance(adapter, int) else adapter
-        path = self.run_dir / "adapters" / name
+        name = layout.client_adapter(adapter) if isinstance(adapter, int) else adapter
+        path = layout.adapter_dir(self.run_dir, name)
         if not path.is_dir():
             raise ConfigError(f"{path}: no such adapter (runs with save_adapters=false keep none)")
         return path
@@ -107,10 +108,10 @@ class RunResult:
         if base is None:
             with quiet_libraries():  # no load report for the head that the adapter replaces
                 base = load_base(self.config.model, len(self.summary["label_names"]))
-        if (path / "head.safetensors").is_file():  # head_only: no peft wrapper
+        if (path / layout.HEAD_WEIGHTS).is_file():  # head_only: no peft wrapper
             from safetensors.torch import load_file
 
-            keys = base.load_state_dict(load_file(str(path / "head.safetensors")), strict=False)
+            keys = base.load_state_dict(load_file(str(path / layout.HEAD_WEIGHTS)), strict=False)
             if keys.unexpected_keys:
                 raise ConfigError(f"{path}: head tensors {keys.unexpected_keys[:3]} do not fit this base model")
             return base

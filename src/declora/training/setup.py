@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from declora.algorithms import Algorithm, build_algorithm
+from declora.byzantine.report import poison_labels
 from declora.client.client import Client
 from declora.client.dp_sgd import attach as attach_privacy
 from declora.client.precision import check_mixed_precision
 from declora.config import Config, ConfigError
 from declora.data.causal import load_causal_task
-from declora.data.checks import check_proportions
+from declora.data.checks import check_partition, check_proportions, check_validation_split
 from declora.data.grouping import token_lengths
 from declora.data.loading import BatchStream, TaskData, load_task
 from declora.data.validation import load_validation
@@ -81,6 +82,7 @@ def setup(cfg: Config, inputs: Inputs | None = None, *, algorithm: Algorithm | N
     check_quantization(cfg.model, select_device(cfg.model.device))  # bitsandbytes present and working
     check_mixed_precision(cfg.train.mixed_precision, select_device(cfg.model.device))  # bf16/fp16 supported here
     topology = build_topology(cfg, algorithm)
+    check_validation_split(cfg, inputs.splits)  # a split the data lacks stops before it is read
 
     tokenizer = load_tokenizer(cfg.model, inputs.tokenizer)
     load = load_causal_task if cfg.model.task_type == "causal_lm" else load_task  # prompt + answer tokens
@@ -90,6 +92,7 @@ def setup(cfg: Config, inputs: Inputs | None = None, *, algorithm: Algorithm | N
     parts = partitioner_split(cfg, data.train.labels)
     if workers < len(parts):  # pooled (centralized): one model on the union of the clients' data
         parts = [np.sort(np.concatenate(parts))]
+    check_partition(parts, cfg.partition)  # an empty client stops before the model loads
 
     model = build_model(cfg.model, cfg.peft, data.num_labels, seed=cfg.train.seed, base=inputs.model)
     init = trainable_state(model)  # the same starting adapter and head for every client
@@ -115,4 +118,5 @@ def make_clients(s: Setup, local_ids: list[int]) -> dict[int, Client]:
         )
         for i in local_ids
     }
+    poison_labels(s.cfg, clients, s.data.num_labels)  # byzantine.attack=label_flip: attackers' flipped labels
     return attach_privacy(s.cfg, s.algorithm, s.parts, clients)  # privacy.mechanism=dp_sgd: DP-SGD per peer

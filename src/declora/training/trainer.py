@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from declora.algorithms import build_algorithm
+from declora.byzantine.report import honest_accuracy, honest_members
+from declora.client import batched
 from declora.client.client import Client
 from declora.client.dp_sgd import metrics as privacy_metrics
 from declora.client.guards import Guard
@@ -32,11 +35,11 @@ from declora.comm import Communicator, build_communicator
 from declora.config import Config
 from declora.data.validation import improves
 from declora.evaluation.evaluate import evaluate, length_sorted
+from declora.evaluation.membership import member_consensus, membership_metrics
 from declora.fault_injection import maybe_fail
 from declora.mixing.churn import Churn, LiveRound
-from declora.mixing.kernel import squared_distance
 from declora.model.quantized import hide_bnb_cpu_notice
-from declora.rundir import protect
+from declora.rundir import layout, protect
 from declora.rundir.adapters import save_best
 from declora.rundir.writer import RunDir
 from declora.training import checkpoint
@@ -46,6 +49,7 @@ from declora.training.finish import finish, save_adapter
 from declora.training.result import Inputs
 from declora.training.setup import Setup, make_clients, setup
 from declora.training.trackers import build_trackers
+from declora.types import State
 
 
 def run(
@@ -100,7 +104,7 @@ def run(
         # 3. Evaluation: the averaged model is the number the paper reports.
         local: dict[int, dict[str, Any]] = {}
         if round_ % cfg.eval.every == 0 or round_ == cfg.train.rounds:
-            row = {"round": round_, "train_loss": loop.mean_loss(losses)} | loop.evaluate(local)
+            row = {"round": round_, "train_loss": loop.mean_loss(losses)} | loop.evaluate(local, round_, live)
             loop.record(round_, row | (churn.metrics(live, Wt) if live else {}), local, losses)
         # Callbacks and trackers (declora.training.callbacks): one may stop the run after this round.
         evaluated = loop.history[-1] if loop.history and loop.history[-1]["round"] == round_ else None
@@ -139,7 +143,7 @@ def start_or_resume(s: Setup, rd: RunDir, clients: dict[int, Client], comm: Comm
     rd.write_config(cfg)  # on every rank: on machines without a shared disk each needs it to resume
     if comm.rank == 0:  # rank 0 writes the run directory; every rank its own adapters (and ranks/rank_<r>)
         rd.start_metrics(done.history)
-        (rd.path / "DONE").unlink(missing_ok=True)  # a resumed run is unfinished until it finishes again
+        rd.unmark_done()  # a resumed run is unfinished until it finishes again
     if cfg.runtime == "distributed":
         rd.start_rank_metrics(comm.rank, done.round)
     return done
@@ -200,9 +204,15 @@ class Loop:
         if live is not None:
             active = [i for i in active if i in live.online]
         k = {i: live.steps[i] if live else self.steps for i in active}
-        losses = {
-            i: c.local_steps(s.model, s.data, k[i], round_, s.device) for i, c in self.clients.items() if i in active
-        }
+        if batched.enabled(self.cfg, len(self.clients)):  # train.batch_clients: one pass over many clients
+            mine = [c for i, c in self.clients.items() if i in active]
+            losses = batched.local_steps(mine, k, s.model, s.data, round_, s.device, tc.clients_per_pass)
+        else:
+            losses = {
+                i: c.local_steps(s.model, s.data, k[i], round_, s.device)
+                for i, c in self.clients.items()
+                if i in active
+            }
         self.guard.losses(round_, losses, self.clients)
         self.guard.states(round_, {i: self.clients[i].state() for i in losses}, "after local steps")
         self.train_s += time.perf_counter() - t0
@@ -227,9 +237,17 @@ class Loop:
         trained = list(self.comm.gather(losses).values())  # empty if every peer was offline
         return float(np.mean(trained)) if trained else None
 
-    def evaluate(self, local: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Step 3: the averaged model's (and the clients') numbers; ``local`` gets each local client's."""
-        return evaluate_round(self.s, self.clients, self.comm, self.avg_idx, self.client_idx, local)
+    def evaluate(
+        self, local: dict[int, dict[str, Any]] | None = None, round_: int = 0, live: LiveRound | None = None
+    ) -> dict[str, Any]:
+        """Step 3: the averaged model's (and the clients') numbers; ``local`` gets each local client's.
+
+        Under churn the averaged model is over the round's members (:meth:`Churn.members`) and the row
+        also reports ``members`` and ``online_accuracy`` (:mod:`declora.evaluation.membership`).
+        """
+        members = self.churn.members(round_) if self.churn and round_ else None
+        online = list(live.online) if live is not None else None
+        return evaluate_round(self.s, self.clients, self.comm, self.avg_idx, self.client_idx, local, members, online)
 
     def record(
         self, round_: int, row: dict[str, Any], local: dict[int, dict[str, Any]], losses: dict[int, float]
@@ -243,9 +261,10 @@ class Loop:
         if comm.rank == 0:
             self.rd.append_metrics(row)
         if round_ and cfg.save_adapters and improves(self.history, row):  # a new validation best
-            best = self.s.algorithm.averaged(comm, {i: c.state() for i, c in self.clients.items()})
+            members = self.churn.members(round_) if self.churn else None  # as the row's averaged model
+            best = self.s.algorithm.averaged(comm, {i: c.state() for i, c in self.clients.items()}, members)
             if comm.local_clients[0] == 0:
-                save_best(self.s.model, best, self.rd.adapter_dir("best"), save_adapter)
+                save_best(self.s.model, best, self.rd.adapter_dir(layout.BEST), save_adapter)
         if round_ and cfg.runtime == "distributed":
             own = {"round": round_, "rank": comm.rank, "train_loss": losses.get(comm.rank)}
             own |= local[comm.rank] | {"bytes_sent": self.sent, "wall_s": row["wall_s"]}
@@ -263,20 +282,34 @@ def evaluate_round(
     avg_idx: np.ndarray,
     client_idx: np.ndarray,
     local: dict[int, dict[str, Any]] | None = None,
+    members: list[int] | None = None,
+    online: list[int] | None = None,
 ) -> dict[str, Any]:
     """Averaged-model accuracy, per-client accuracy (mean/min/max) and the consensus error.
 
     Args:
         local: if given, filled with each local client's own numbers (``ranks/rank_<r>/metrics.jsonl``).
+        members: the peers the averaged model and the consensus error are over (None: all).
+        online: under churn, the peers online this round: adds ``members`` and ``online_accuracy``.
     """
-    mean = s.algorithm.averaged(comm, {i: c.state() for i, c in clients.items()})  # metrics only: not counted
+    states = {i: c.state() for i, c in clients.items()}
+    mean = s.algorithm.averaged(comm, states, members)  # metrics only: not counted
     avg = evaluate(s.model, mean, s.data, avg_idx, s.device, s.cfg.eval.batch_size)
     row: dict[str, Any] = {"accuracy": avg.accuracy, "eval_loss": avg.loss}
     if s.validation is not None:  # model selection only; draws no RNG, so the numbers above are unchanged
         val = evaluate(s.model, mean, s.validation, length_sorted(s.validation), s.device, s.cfg.eval.batch_size)
         row |= {"val_accuracy": val.accuracy, "val_loss": val.loss}
-    dist = comm.gather({i: squared_distance(c.state(), mean) for i, c in clients.items()})
-    row["consensus_error"] = float(np.mean(list(dist.values())))
+    dist = comm.gather({i: s.algorithm.distance(c.state(), mean) for i, c in clients.items()})  # products: dec_decaf
+    workers = s.algorithm.workers(s.cfg.train)  # byzantine.peers: the consensus of the honest peers only
+    row["consensus_error"] = member_consensus(dist, honest_members(members, s.algorithm.excluded, workers))
+    if online is not None:
+
+        def score(state: State) -> float:
+            return evaluate(s.model, state, s.data, avg_idx, s.device, s.cfg.eval.batch_size).accuracy
+
+        workers = s.algorithm.workers(s.cfg.train)
+        averaged = partial(s.algorithm.averaged, comm, states)
+        row |= membership_metrics(averaged, score, avg.accuracy, members, online, workers)
     accs: dict[int, float] = {}
     if s.cfg.eval.clients:
         accs = comm.gather(
@@ -290,7 +323,7 @@ def evaluate_round(
             "client_accuracy_mean": float(np.mean(values)),
             "client_accuracy_min": float(np.min(values)),
             "client_accuracy_max": float(np.max(values)),
-        }
+        } | honest_accuracy(accs, s.algorithm.excluded)  # byzantine.peers: honest_accuracy_mean/min
     else:
         row |= {"client_accuracy_mean": None, "client_accuracy_min": None, "client_accuracy_max": None}
     if local is not None:
