@@ -12,6 +12,7 @@ client owns are its trainable values (LoRA A, B, the head) plus AdamW's two mome
 Usage (wrap in ``flock /tmp/declora-heavy.lock`` on a shared machine):
 
     python benchmarks/scale_clients.py [--clients 100 1000] [--local-steps 1] [--batch-size 8] [--rounds 1]
+        [--batch-clients true --clients-per-pass 100]   # every client's local step in a few forward passes
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 from _common import DECLORA, SHARED_SST2, overrides, summary
+
 from declora.rundir.layout import read_metrics
 
 GIB = 2**30
@@ -38,6 +40,8 @@ def main() -> None:
     ap.add_argument("--model", default="all-minilm-l6-v2")
     ap.add_argument("--data", default=str(SHARED_SST2))
     ap.add_argument("--budget-gib", type=float, default=24.0, help="machine memory for the 'clients that fit' line")
+    ap.add_argument("--batch-clients", default="false", help="train.batch_clients: false, true or auto")
+    ap.add_argument("--clients-per-pass", type=int, default=None, help="train.clients_per_pass (batched only)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +55,14 @@ def main() -> None:
                 local_steps=args.local_steps,
                 batch_size=args.batch_size,
                 eval_examples=args.eval_examples,
-                extra=["topology.kind=ring", "eval.clients=false", "checkpoint_every=0", f"out_dir={out}"],
+                extra=[
+                    "topology.kind=ring",
+                    "eval.clients=false",
+                    "checkpoint_every=0",
+                    f"out_dir={out}",
+                    f"train.batch_clients={args.batch_clients}",
+                    *([f"train.clients_per_pass={args.clients_per_pass}"] if args.clients_per_pass else []),
+                ],
             )
             cmd = [*DECLORA, "train", *options]
             start = time.perf_counter()

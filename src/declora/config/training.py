@@ -71,9 +71,11 @@ class TrainConfig:
         None, "fedavg: clients sampled (seeded, per round) to train and send; null = all of them."
     )
     divergence_factor: float | None = _f(
-        None,
-        "Divergence guard: stop (exit 1, last good checkpoint kept) when a client's mean training loss of a "
-        "round exceeds this many times its initial value, e.g. 10; null = off (non-finite values always stop).",
+        100.0,
+        "Divergence guard: stop (exit 1, last good checkpoint kept, no adapter written) when a client's mean "
+        "training loss of a round exceeds this many times its initial value (the loss of its first step, "
+        "before any update). 100 (default) lets healthy runs through, whose loss falls, and stops a run that "
+        "exploded but stayed finite (e.g. train.lr=1e4); null = off (non-finite values always stop).",
     )
     peer_dropout: float = _f(
         0.0,
@@ -111,7 +113,10 @@ class TrainConfig:
         "client after another), true, or auto (true where supported, else false).",
     )
     clients_per_pass: int | None = _f(
-        None, "train.batch_clients: at most this many clients in one forward pass (memory); null = all of them."
+        None,
+        "train.batch_clients: at most this many clients in one forward pass; null = passes of up to 2,048 "
+        "padded tokens on a CPU (larger ones fall out of cache), 32,768 on a GPU. Clients of similar batch "
+        "width share a pass (a pass pads every batch to its widest).",
     )
 
     def __post_init__(self) -> None:
