@@ -173,8 +173,9 @@ def test_launch_builds_the_torchrun_command_and_checks_the_process_count(capsys:
     from declora.launch.torchrun import torchrun_command
 
     cmd = torchrun_command(4, ["train.rounds=3"], config="recipe.yaml")
-    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m"]
-    assert cmd[6:] == [
+    loopback = ["--nnodes=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0"]  # not --standalone
+    assert cmd[1:8] == ["-m", "torch.distributed.run", *loopback, "--nproc-per-node=4", "-m"]
+    assert cmd[8:] == [
         "declora",
         "train",
         "--config",

@@ -5,11 +5,12 @@ The trainer's round loop is the same as for the other runtimes; this communicato
 - :meth:`SwarmCommunicator.exchange` talks to the graph neighbours that answer before the round's
   deadline (``swarm.round_timeout_s``), through :class:`~declora.comm.swarm_net.SwarmNode`, and every
   received message passed :func:`declora.comm.messages.receive` (names, shapes, dtypes, finite values,
-  round, sender) before it is returned;
+  round, sender, run fingerprint, receiver) before it is returned; a neighbour whose config fingerprint
+  differs (:mod:`declora.comm.swarm_fingerprint`) is refused, with one line naming the differing keys;
 - :meth:`SwarmCommunicator.round_matrix` is W_t's row for this peer: the base W with the weight of every
   neighbour it did not exchange with moved to its diagonal (:func:`declora.mixing.live.local_row`), so a
   round without failures mixes with W bit for bit, and a failed edge is failed at both ends (see
-  :mod:`declora.comm.swarm_net` for how both ends agree, and what happens when they cannot);
+  :mod:`declora.comm.swarm_protocol` for how both ends agree, and what happens when they cannot);
 - there is no global view: ``average``/``gather``/``total`` return this peer's own values, so a peer's
   ``metrics.jsonl`` describes its own model. ``declora swarm`` assembles the averaged adapter and a
   summary from what the peers publish in ``<run>/swarm/`` (``live.jsonl``: per round, whom this peer
@@ -37,7 +38,6 @@ import torch
 from declora.comm.base import Communicator, Message, State, message_bytes, neighbors
 from declora.comm.swarm_fingerprint import Fingerprint
 from declora.comm.swarm_net import Allowlist, SwarmNode, say_to_stderr
-from declora.comm.swarm_records import CLOCK_TOLERANCE_S, Record
 from declora.config import Config, ConfigError
 from declora.fault_injection import poisoned
 from declora.mixing.kernel import average_states
@@ -110,35 +110,13 @@ class SwarmCommunicator(Communicator):
             if not waiting or waited > self.startup_timeout_s:
                 break
             if time.monotonic() > next_clock:
-                next_clock = float("inf") if self.check_clocks() else time.monotonic() + 10.0
+                next_clock = float("inf") if self.node.check_clocks() else time.monotonic() + 10.0
             if time.monotonic() - beat >= 30:
                 beat = time.monotonic()
                 self.say(f"waiting for neighbours {waiting} ({waited:.0f} s of swarm.startup_timeout_s)")
             time.sleep(0.3)
-        if missing:
-            self.say(f"neighbours {missing} not in the swarm after {waited:.0f} s; starting without them")
-
-    def check_clocks(self) -> bool:
-        """Ask the peers this one is connected to for their time; one line per peer whose clock is off by more
-        than the DHT tolerates (records would then look forged or expired). True once a peer answered."""
-        try:
-            peers = self.node.call(self.node.p2p.list_peers(), timeout=10)
-        except Exception:  # noqa: BLE001 - a diagnosis only
-            return False
-        answered = False
-        for info in peers[:8]:
-            rec = Record(-1, info.peer_id.to_base58(), 0, tuple(str(m) for m in info.addrs))
-            try:
-                offset = self.node.clock_offset(rec)
-            except Exception:  # noqa: BLE001 - not a declora peer, or not allowed: no diagnosis from it
-                continue
-            answered = True
-            if abs(offset) > CLOCK_TOLERANCE_S:
-                self.say(
-                    f"this machine's clock is {abs(offset):.0f} s {'behind' if offset > 0 else 'ahead of'} peer "
-                    f"{rec.peer}'s; the swarm's DHT tolerates {CLOCK_TOLERANCE_S:g} s: sync both clocks (NTP)"
-                )
-        return answered
+        if waiting:
+            self.say(f"neighbours {waiting} not in the swarm after {waited:.0f} s; starting without them")
 
     def join(self, done: Any, clients: dict[int, Any]) -> Any:
         """Catch up with the swarm: the round to continue after, and (newcomer) a start from the neighbours.
@@ -189,6 +167,8 @@ class SwarmCommunicator(Communicator):
         for j, why in sorted(failed.items()):
             if j not in self.absent:
                 self.absent.add(j)
+                if j in self.node.mismatched:  # already named, with the keys that differ, by the node
+                    continue
                 who = f"peer {self.node.known[j]}" if j in self.node.known else "peer ID unknown: never seen"
                 self.say(f"neighbour client {j} ({who}) is absent from round {self.round} on: {why}")
         for j in sorted(received):

@@ -33,6 +33,7 @@ from typing import Any
 from declora.comm.swarm_fingerprint import Fingerprint, describe
 from declora.comm.swarm_protocol import HANDLER, ExchangeProtocol
 from declora.comm.swarm_records import (
+    CLOCK_TOLERANCE_S,
     MAX_MADDRS,
     Allowlist,
     Record,
@@ -99,10 +100,12 @@ class SwarmNode(ExchangeProtocol):
         self.agreed: set[tuple[int, int]] = set()  # (round, sender) commits accepted in the last rounds
         self.failed_in: dict[int, dict[int, str]] = defaultdict(dict)
         self.history: dict[int, list[bool]] = defaultdict(list)  # per neighbour: exchanged in recent rounds?
+        self.stragglers: set[int] = set()
         self.snapshot: Any = None  # this peer's latest state, served to newcomers
         self._logged: set[str] = set()
         self.known: dict[int, str] = {}  # client id -> the last peer ID seen for it
         self.mismatched: dict[int, list[str]] = {}  # client id -> config keys that differ from this peer's
+        self.clock = time.time  # this machine's wall clock (replaced in tests to emulate a skewed one)
         self._active = 0  # requests being handled right now
         self._last_request = 0.0
         self._cache: tuple[float, dict[int, Record]] = (0.0, {})
@@ -248,6 +251,7 @@ class SwarmNode(ExchangeProtocol):
             if rec.fp != self.run.digest:
                 self._mismatch(rec)
                 continue
+            self.mismatched.pop(rec.client, None)  # restarted with this run's config
             if item.expiration_time > newest.get(rec.client, float("-inf")):  # a restarted peer's latest record
                 records[rec.client], newest[rec.client] = rec, item.expiration_time
         self.known |= {c: r.peer for c, r in records.items()}  # names peers whose records have expired
@@ -262,6 +266,28 @@ class SwarmNode(ExchangeProtocol):
                 f"refused neighbour client {rec.client} (peer {rec.peer}): it runs another experiment, its config "
                 f"differs in {describe(keys)}; start every peer with the same config"
             )
+
+    def check_clocks(self) -> bool:
+        """Ask the peers this one is connected to for their time; one line per peer whose clock is off by more
+        than the DHT tolerates (its records would look expired or forged). True once a peer answered."""
+        try:
+            peers = self.call(self.p2p.list_peers(), timeout=10)
+        except Exception:  # noqa: BLE001 - a diagnosis only
+            return False
+        answered = False
+        for info in peers[:8]:
+            rec = Record(-1, info.peer_id.to_base58(), 0, tuple(str(m) for m in info.addrs))
+            try:
+                offset = self.clock_offset(rec)
+            except Exception:  # noqa: BLE001 - not a declora peer, or not allowed: no diagnosis from it
+                continue
+            answered = True
+            if abs(offset) > CLOCK_TOLERANCE_S:
+                self.once(
+                    f"this machine's clock is {abs(offset):.0f} s {'behind' if offset > 0 else 'ahead of'} peer "
+                    f"{rec.peer}'s; the swarm's DHT tolerates {CLOCK_TOLERANCE_S:g} s: sync both clocks (NTP)"
+                )
+        return answered
 
     def records(self) -> dict[int, Record]:
         return self.call(self._records(max_age=0.0), timeout=self.opts.round_timeout_s)

@@ -95,7 +95,7 @@ class ExchangeProtocol:
             raise PermissionError(f"client {self.client} runs another experiment ({what})")
         if kind == "clock":  # any allowed peer may ask for this machine's time (clock-skew diagnosis)
             await read_payload(reader, announced, 0)
-            return {"time": time.time()}, b""
+            return {"time": self.clock()}, b""
         if sender not in self.neighbours:
             raise ValueError(f"client {sender} is not a graph neighbour of client {self.client}")
         if header.get("to") != self.client:
@@ -124,7 +124,8 @@ class ExchangeProtocol:
                 raise ValueError(f"client {self.client} did not reach round {t} in time")
             await asyncio.sleep(0.05)
         payload, like = self.outbox[t]
-        data = await read_payload(reader, announced, len(payload))  # exactly one message's size, or unread
+        # exactly one message's size, or refused unread; a sender that stalls mid-payload is cut off
+        data = await asyncio.wait_for(read_payload(reader, announced, len(payload)), self.opts.round_timeout_s)
         try:
             msg = receive(header, data, like, sender, t, run=self.run.digest, receiver=self.client)
         except MessageRejected as err:
@@ -167,11 +168,11 @@ class ExchangeProtocol:
         """How far ``rec``'s peer's clock is ahead of this machine's, in seconds (half a round trip off)."""
 
         async def go() -> float:
-            t0 = time.time()
+            t0 = self.clock()
             resp, _ = await self._rpc(rec, self._header(0, "clock", rec.client))
             if REFUSED in resp:
                 raise PeerError(f"client {rec.client} refused: {resp[REFUSED]}")
-            return float(resp["time"]) - (t0 + time.time()) / 2
+            return float(resp["time"]) - (t0 + self.clock()) / 2
 
         return self.call(asyncio.wait_for(go(), 5.0), timeout=10.0)
 
@@ -197,11 +198,14 @@ class ExchangeProtocol:
         recent = self.history[j][-window:]
         if len(recent) >= missed and recent.count(False) >= missed:
             wait = min(getattr(self.opts, "straggler_wait_s", self.opts.round_timeout_s), self.opts.round_timeout_s)
-            self.once(
-                f"neighbour client {j} missed {recent.count(False)} of its last {len(recent)} rounds: waiting at "
-                f"most {wait:g} s per round for it (swarm.straggler_wait_s) until it is in time again"
-            )
+            if j not in self.stragglers:  # named once per spell
+                self.stragglers.add(j)
+                self.say(
+                    f"neighbour client {j} missed {recent.count(False)} of its last {len(recent)} rounds: waiting "
+                    f"at most {wait:g} s per round for it (swarm.straggler_wait_s) until it is in time again"
+                )
             return start + wait
+        self.stragglers.discard(j)
         return start + self.opts.round_timeout_s
 
     async def _exchange(self, t: int, message: Message, neighbours: list[int]) -> tuple[dict, dict]:
@@ -295,4 +299,3 @@ class ExchangeProtocol:
                     return None, f"commit not acknowledged ({type(err).__name__})"
                 await asyncio.sleep(0.1)
         return (msg, "") if ack.get("ack") == "ok" else (None, "commit refused: its round was already closed")
-

@@ -130,8 +130,7 @@ def parse_value(value: Any, clients: int, rounds: int) -> Record:
     if len(maddrs) > MAX_MADDRS or not all(isinstance(m, str) and len(m) <= MAX_TEXT for m in maddrs):
         raise ValueError("maddrs")
     if len(keys) > MAX_KEYS or not all(
-        isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_TEXT and len(v) <= MAX_TEXT
-        for k, v in keys.items()
+        isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_TEXT and len(v) <= MAX_TEXT for k, v in keys.items()
     ):
         raise ValueError("keys")
     if len(value["peer"]) > MAX_TEXT or len(value["fp"]) > MAX_TEXT or not math.isfinite(value["t"]):
@@ -207,4 +206,3 @@ def signature_validator(owner_key: Any) -> Any:
     from hivemind.dht.crypto import RSASignatureValidator
 
     return RSASignatureValidator(owner_key)
-

@@ -53,6 +53,27 @@ def run_peer(config: str | None, overrides: list[str]) -> dict[str, Any]:
     return run(cfg)
 
 
+def print_peer_id(config: str | None, overrides: list[str]) -> str:
+    """``declora peer --print-id``: this peer's allowlist line ``PEER_ID CLIENT_ID`` (the identity key is
+    created if it does not exist: at ``swarm.identity_path``, ``~`` expanded, or ``<out_dir>/swarm/identity.key``)."""
+    from declora.comm.swarm_records import peer_id_of
+
+    cfg = load_config(config, ["runtime=swarm", *overrides, "swarm.open=true"])  # no allowlist yet: that is why
+    sc = cfg.swarm
+    if sc.identity_path is None and cfg.out_dir is None:
+        raise ConfigError(
+            "--print-id needs swarm.identity_path=FILE or out_dir=DIR: the same one the peer will be started with"
+        )
+    path = (
+        Path(sc.identity_path).expanduser()
+        if sc.identity_path
+        else layout.swarm_dir(cfg.out_dir) / layout.SWARM_IDENTITY
+    )
+    line = f"{peer_id_of(path)} {sc.client_id}"
+    print(line, flush=True)
+    return line
+
+
 # -- the local launcher --------------------------------------------------------------------------------------
 def _fork_peer(i: int, folder: Path, config: str | None, overrides: list[str]) -> int:
     pid = os.fork()
@@ -209,7 +230,10 @@ def assemble(base: str | Path, exit_codes: dict[int, int] | None = None, evaluat
         own = folder / layout.SUMMARY
         if own.is_file():
             info["final_accuracy_own_model"] = json.loads(own.read_text()).get("final_accuracy")
+            info["suspects"] = json.loads(own.read_text()).get("suspects")  # comm.robust: whom it flagged
         peers[i] = info
+    liars = _byzantine_peers(base)  # byzantine.peers: the attackers are left out of the averaged model
+    states = {i: state for i, state in states.items() if i not in liars}
     edges, one_sided = {}, {}
     for t, seen in sorted(rounds.items()):
         pairs = {(min(i, j), max(i, j)) for i, got in seen.items() for j in got}
@@ -222,6 +246,7 @@ def assemble(base: str | Path, exit_codes: dict[int, int] | None = None, evaluat
         "edges_per_round": {str(t): e for t, e in edges.items()},
         "one_sided_edges": {str(t): e for t, e in one_sided.items() if e},
         "averaged_over": sorted(states),
+        **({"byzantine_peers": sorted(liars)} if liars else {}),
         "exit_codes": {str(i): v.get("exit_code") for i, v in peers.items()},
         "final_accuracy": None,
     }
@@ -229,6 +254,16 @@ def assemble(base: str | Path, exit_codes: dict[int, int] | None = None, evaluat
         summary |= _evaluate_average(base, average_states([states[i] for i in sorted(states)]))
     atomic_write_text(base / layout.SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _byzantine_peers(base: Path) -> set[int]:
+    """``byzantine.peers`` from the peers' config.yaml files (every peer of a swarm is told the same list)."""
+    import yaml
+
+    liars: set[int] = set()
+    for config in base.glob(f"{layout.PEER_PREFIX}*/{layout.CONFIG}"):
+        liars |= set((yaml.safe_load(config.read_text()) or {}).get("byzantine", {}).get("peers") or [])
+    return liars
 
 
 def _evaluate_average(base: Path, mean: dict) -> dict[str, Any]:

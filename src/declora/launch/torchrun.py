@@ -5,18 +5,26 @@
     python -m torch.distributed.run --standalone --nproc-per-node 4 \\
         -m declora train runtime=distributed train.clients=4 train.rounds=3
 
-``--standalone`` is torchrun's single-machine rendezvous (c10d on a free 127.0.0.1 port). For several
-machines run ``torchrun`` yourself with ``--nnodes``, ``--node-rank`` and ``--rdzv-endpoint``.
+The rendezvous endpoint is ``127.0.0.1:0`` (c10d on a free port: ranks reach the store over loopback
+only), and gloo is bound to the loopback interface (``GLOO_SOCKET_IFNAME=lo`` unless set). **Exposure:**
+torch's TCPStore (torch 2.13) *listens on all interfaces* whatever endpoint it is given, without
+authentication: anyone who reaches that port while the run is up can read and write its keys (e.g. a fake
+``declora/failed/<rank>``). On a machine reachable by others, firewall ephemeral ports or run inside a
+network namespace. For several machines run ``torchrun`` yourself with ``--nnodes``, ``--node-rank`` and
+``--rdzv-endpoint=<private address>:PORT`` on a private interface, and ``GLOO_SOCKET_IFNAME`` naming it.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
 
 from declora.algorithms import build_algorithm
 from declora.config import ConfigError, load_config
+
+LOOPBACK_RENDEZVOUS = ("--nnodes=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0")
 
 
 def torchrun_command(clients: int, overrides: list[str], config: str | None = None) -> list[str]:
@@ -30,7 +38,7 @@ def torchrun_command(clients: int, overrides: list[str], config: str | None = No
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *LOOPBACK_RENDEZVOUS,
         f"--nproc-per-node={clients}",
         "-m",
         "declora",
@@ -58,4 +66,7 @@ def launch(clients: int, overrides: list[str], config: str | None = None, dry_ru
     print("declora launch:", shlex.join(cmd), file=sys.stderr, flush=True)
     if dry_run:
         return 0
-    return subprocess.run(cmd, check=False).returncode
+    env = dict(os.environ)
+    if sys.platform.startswith("linux"):  # gloo listens on loopback only (Linux names it lo)
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return subprocess.run(cmd, check=False, env=env).returncode
