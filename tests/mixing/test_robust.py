@@ -17,7 +17,11 @@ State = dict[str, torch.Tensor]
 def states(n: int, seed: int = 0) -> dict[int, State]:
     g = torch.Generator().manual_seed(seed)
     return {
-        i: {"A": torch.randn(4, 6, generator=g), "B": torch.randn(6, 4, generator=g) * 0.1, "b": torch.randn(3, generator=g)}
+        i: {
+            "A": torch.randn(4, 6, generator=g),
+            "B": torch.randn(6, 4, generator=g) * 0.1,
+            "b": torch.randn(3, generator=g),
+        }
         for i in range(n)
     }
 
@@ -47,12 +51,12 @@ def test_clipped_gossip_bounds_each_pull_by_W_tau() -> None:
         inbox = dict(s)
         mixed, diag = robust_mix("clipped_gossip", W, i, inbox, radius=tau)
         step = float(sum((mixed[n].double() - s[i][n].double()).pow(2).sum() for n in s[i]) ** 0.5)
-        assert step <= sum(W[i, j] for j in range(6) if j != i) * tau + 1e-9  # triangle inequality bound
+        assert step <= sum(W[i, j] for j in range(6) if j != i) * tau * (1 + 1e-5)  # triangle inequality bound
         assert diag.cut[5] > 0.99 and diag.radius == tau
         # each neighbour's contribution alone is bounded by W_ij * tau
         solo, _ = robust_mix("clipped_gossip", W, i, {i: s[i], 5: s[5]}, radius=tau)
         pull = float(sum((solo[n].double() - s[i][n].double()).pow(2).sum() for n in s[i]) ** 0.5)
-        assert pull == pytest.approx(W[i, 5] * tau, rel=1e-9)
+        assert pull == pytest.approx(W[i, 5] * tau, rel=1e-5)  # float32 result
 
 
 def test_clipped_gossip_without_clipping_is_plain_gossip() -> None:
@@ -92,7 +96,11 @@ def test_trimmed_mean_and_median_ignore_one_outlier(rule: str) -> None:
 
 def test_trimmed_mean_values() -> None:
     W = np.full((3, 3), 1 / 3)
-    inbox = {0: {"x": torch.tensor([1.0, 5.0])}, 1: {"x": torch.tensor([2.0, -1.0])}, 2: {"x": torch.tensor([100.0, 0.0])}}
+    inbox = {
+        0: {"x": torch.tensor([1.0, 5.0])},
+        1: {"x": torch.tensor([2.0, -1.0])},
+        2: {"x": torch.tensor([100.0, 0.0])},
+    }
     mixed, diag = robust_mix("trimmed_mean", W, 0, inbox, trim=1)
     assert mixed["x"].tolist() == [2.0, 0.0]
     assert diag.cut == {1: 0.5, 2: 0.5}

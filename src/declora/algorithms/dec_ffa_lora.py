@@ -30,7 +30,8 @@ class DecFFALoRA(Algorithm):
 
     def configure(self, cfg: Config) -> None:
         self.byzantine = ByzantineGossip.from_config(cfg)  # the rule sees B and the head, what is mixed
-        self.excluded = frozenset(cfg.byzantine.peers)  # the reported model is the honest peers'
+        if cfg.runtime != "swarm":  # the reported model is the honest peers' (a swarm peer reports its own)
+            self.excluded = frozenset(cfg.byzantine.peers)
 
     def is_trained(self, name: str) -> bool:
         return not is_lora_A(name)

@@ -32,7 +32,8 @@ class DecLoRA(Algorithm):
         c = cfg.comm
         self.gossip = build_gossip(c.bits, c.scale, c.rounding, c.error_feedback, c.consensus_step, seed=cfg.train.seed)
         self.byzantine = ByzantineGossip.from_config(cfg)
-        self.excluded = frozenset(cfg.byzantine.peers)  # the reported model is the honest peers'
+        if cfg.runtime != "swarm":  # the reported model is the honest peers' (a swarm peer reports its own)
+            self.excluded = frozenset(cfg.byzantine.peers)
         if self.gossip is not None:
             self.gossip.byzantine = self.byzantine
 

@@ -11,9 +11,9 @@ neighbours' (see :mod:`declora.byzantine.adversary` for where these come from in
 | sign_flip | ``-s x_a`` (the reference's bit flip at s = 1) | s (1.0) |
 | scaled_update | ``x_a + s (x_a - mean(honest))``: its own deviation, amplified | s (10.0) |
 | gaussian | ``x_a + s N(0, I)`` (seeded per round and attacker) | the noise std s (1.0) |
-| alie | ``mu - z sigma``, coordinate-wise mean and std over ``honest`` ("a little is enough") | z (10.0, the reference's ALIE10) |
+| alie | ``mu - z sigma``, per-coordinate mean and std over ``honest`` (ALIE) | z (10.0, the reference's ALIE10) |
 | ipm | ``-eps mean(honest)`` (inner-product manipulation) | eps (0.1, the reference's) |
-| dissensus | ``x_t - eps sum_j W_tj (x_j - x_t) / sum_b W_tb`` against one honest neighbour t | eps (1.5, the reference's) |
+| dissensus | ``x_t - eps sum_j W_tj (x_j - x_t) / sum_b W_tb`` against honest neighbour t | eps (1.5, reference) |
 | label_flip | its honest state, trained on labels ``C - 1 - y`` (data poisoning) | unused |
 
 Every function returns new tensors of the inputs' dtypes; nothing is modified in place.
@@ -77,7 +77,11 @@ def ipm(honest: Sequence[State], epsilon: float) -> State:
 
 
 def dissensus(
-    target: State, neighbours: Mapping[int, State], weights: Mapping[int, float], byzantine_weight: float, epsilon: float
+    target: State,
+    neighbours: Mapping[int, State],
+    weights: Mapping[int, float],
+    byzantine_weight: float,
+    epsilon: float,
 ) -> State:
     """The dissensus attack on one target t: pull t away from its honest neighbours.
 

@@ -48,7 +48,8 @@ class Suspects:
             self.cut_total[key] = self.cut_total.get(key, 0.0) + cut
             if sum(window) >= NEED and j not in self.flagged.setdefault(i, set()):
                 self.flagged[i].add(j)
-                name = f" ({who(j)})" if who is not None else ""
+                named = who(j) if who is not None else ""
+                name = f" ({named})" if named else ""
                 self.say(
                     f"declora: client {i} suspects neighbour client {j}{name}: its messages were cut in "
                     f"{sum(window)} of the last {len(window)} rounds (round {round_}; this round it cut {cut:.0%})"

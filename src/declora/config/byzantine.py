@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from declora.config.fields import _choice, _f
+from declora.config.fields import _choice, _f, _positive
 from declora.errors import ConfigError
 
 # the names of declora.byzantine.attacks.ATTACKS (a test checks they agree; config must not import torch)
@@ -36,6 +36,8 @@ class ByzantineConfig:
             raise ConfigError(f"byzantine.peers={self.peers} lists a peer twice: give each attacker once")
         if any(p < 0 for p in self.peers):
             raise ConfigError(f"byzantine.peers={self.peers}: client ids are >= 0")
+        if self.strength is not None:
+            _positive("byzantine.strength", self.strength)  # 0 would be no attack: set byzantine.peers=[]
 
 
 def check_byzantine(cfg: object) -> None:
@@ -63,3 +65,5 @@ def check_byzantine(cfg: object) -> None:
         )
     if b.attack == "label_flip" and cfg.model.task_type == "causal_lm":  # type: ignore[attr-defined]
         raise ConfigError("byzantine.attack=label_flip flips class labels; model.task_type=causal_lm has none")
+    if b.attack == "label_flip" and t.batch_clients is not False:  # the batched path reads labels itself
+        raise ConfigError("byzantine.attack=label_flip runs clients one at a time: set train.batch_clients=false")

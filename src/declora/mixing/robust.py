@@ -69,7 +69,9 @@ def adaptive_radius(dist: Mapping[int, float]) -> float:
     return ordered[-2] if len(ordered) >= 2 else ordered[-1]
 
 
-def clipped_gossip(W: np.ndarray, i: int, inbox: Mapping[int, State], radius: float | None) -> tuple[State, Diagnostics]:
+def clipped_gossip(
+    W: np.ndarray, i: int, inbox: Mapping[int, State], radius: float | None
+) -> tuple[State, Diagnostics]:
     """``x_i + sum_{j != i} W_ij clip(x_j - x_i, tau_i)`` with the norm of the full state difference."""
     own = inbox[i]
     others = {j: inbox[j] for j in sorted(inbox) if j != i and W[i, j] > 0}
