@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -190,3 +191,115 @@ def test_heterogeneous_ranks_under_churn_keep_offline_factors(tiny_overrides: li
     )
     assert two["missed_rounds"] == [1, 0, 0, 0]
     assert _equal(_adapter(one["run_dir"], "client_0"), _adapter(two["run_dir"], "client_0"))
+
+
+# -- membership: who the reported averaged model is the mean of ------------------------------------------
+
+
+def test_schedule_membership_left_for_good_and_not_joined(tmp_path: Path) -> None:
+    from declora.config.availability import load_schedule
+
+    path = tmp_path / "s.yaml"
+    path.write_text("- {rounds: 5-8, offline: 3}\n- {rounds: 9-, offline: 3}\n- {rounds: 1-2, offline: [0, 1]}\n")
+    s = load_schedule(path, 5)
+    assert [s.left(r) for r in (4, 5, 9, 100)] == [set(), {3}, {3}, {3}]  # 5-8 then 9-: gone from round 5
+    assert [s.not_joined(r) for r in (1, 2, 3)] == [{0, 1}, {0, 1}, set()]
+    path.write_text("- {rounds: 5-8, offline: 3}\n- {rounds: 2, offline: 4}\n")
+    s = load_schedule(path, 5)
+    assert all(s.left(r) == set() for r in range(1, 12)) and s.not_joined(2) == set()  # temporary outages only
+
+
+def test_peers_that_left_for_good_are_out_of_the_averaged_model(tiny_overrides: list[str], tmp_path: Path) -> None:
+    from declora.mixing.kernel import squared_distance
+
+    sched = tmp_path / "leave.yaml"
+    sched.write_text("- {rounds: 2-, offline: 7-9}\n")  # 3 of 10 leave for good at round 2
+    s = _run(tiny_overrides, "train.clients=10", "train.rounds=3", f"train.availability_file={sched}")
+    out = Path(s["run_dir"])
+    rows = read_metrics(out)
+    assert [r["members"] for r in rows] == [10, 7, 7] and [r["online_peers"] for r in rows] == [10, 7, 7]
+    assert all(r["online_accuracy"] == r["accuracy"] for r in rows)  # the online peers are the members
+    clients = [_adapter(out, f"client_{i}") for i in range(10)]
+    average = _adapter(out, "average")
+    for name, t in average.items():  # adapters/average: the 7 who stayed, not a blend with the 3 frozen ones
+        torch.testing.assert_close(t, sum(c[name] for c in clients[:7]) / 7, rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(t, sum(c[name] for c in clients) / 10, rtol=1e-5, atol=1e-7)
+    consensus = np.mean([squared_distance(c, average) for c in clients[:7]])
+    assert rows[-1]["consensus_error"] == pytest.approx(consensus, rel=1e-4)
+    # the metrics row's accuracy is that of adapters/average, evaluated again from the saved folder
+    from declora.inference import evaluate_run
+
+    assert evaluate_run(out)["accuracy"] == rows[-1]["accuracy"]
+
+
+def test_late_joiners_and_temporary_outages_and_fedavg_report_the_same_fields(
+    tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    sched = tmp_path / "s.yaml"
+    sched.write_text("- {rounds: 1-2, offline: 0}\n- {rounds: 2, offline: 1}\n")  # 0 joins at 3; 1 away in 2
+    dec = _run(tiny_overrides, "train.rounds=3", f"train.availability_file={sched}", f"out_dir={tmp_path / 'dec'}")
+    rows = read_metrics(Path(dec["run_dir"]))
+    assert [r["members"] for r in rows] == [3, 3, 4]  # peer 0 is out until it joins; peer 1's outage keeps it in
+    assert [r["online_peers"] for r in rows] == [3, 2, 4]
+    assert rows[0]["online_accuracy"] == rows[0]["accuracy"] and rows[2]["online_accuracy"] == rows[2]["accuracy"]
+    assert isinstance(rows[1]["online_accuracy"], float)  # the mean of peers 2 and 3 only, evaluated apart
+    fed = _run(
+        tiny_overrides,
+        "train.algorithm=fedavg",
+        "train.rounds=3",
+        f"train.availability_file={sched}",
+        f"out_dir={tmp_path / 'fed'}",
+    )
+    fed_rows = read_metrics(Path(fed["run_dir"]))
+    assert [r["members"] for r in fed_rows] == [3, 3, 4] and all("online_accuracy" in r for r in fed_rows)
+    plain = read_metrics(Path(_run(tiny_overrides, f"out_dir={tmp_path / 'plain'}")["run_dir"]))
+    assert all("members" not in r and "online_accuracy" not in r for r in plain)  # without churn: today's rows
+
+
+# -- the churn experiment: seeds, mean ± std, accuracy against the local steps taken -------------------------
+
+
+def test_seeded_recipe_reports_mean_and_std_and_plots_steps(tiny_bert: Path, sst2_small: Path, tmp_path: Path) -> None:
+    from declora.experiments.reproduce import find_experiment, run_experiment
+    from declora.experiments.seeds import cumulative_steps
+
+    recipes, out = tmp_path / "recipes", tmp_path / "out"
+    recipes.mkdir()
+    common = [f"model.name_or_path={tiny_bert}", f"data.path={sst2_small}", "train.clients=4", "train.rounds=2"]
+    common += ["train.local_steps=2", "train.batch_size=8", "peft.r=2", "plots=false", "save_adapters=false"]
+    (recipes / "seeded.yaml").write_text(
+        json.dumps(
+            {
+                "name": "seeded",
+                "common": common,
+                "seeds": [0, 1],
+                "runs": [
+                    {"name": "no churn", "overrides": []},
+                    {"name": "dropout", "overrides": ["train.peer_dropout=0.5"]},
+                ],
+                "columns": ["final_accuracy"],
+                "checks": [{"kind": "within", "metric": "final_accuracy", "reference": "no churn", "tolerance_pp": 99}],
+            }
+        )
+    )
+    exp = find_experiment("seeded", recipes)
+    names = ["no churn / seed 0", "no churn / seed 1", "dropout / seed 0", "dropout / seed 1"]
+    assert [r.name for r in exp.runs] == names
+    text = run_experiment(exp, "cpu", out, jobs=2).read_text()
+    finals = {
+        (name, s): json.loads((out / "seeded" / run.slug / "summary.json").read_text())["final_accuracy"]
+        for run in exp.runs
+        for name, s in [(run.group, run.overrides[-1])]
+    }
+    for name in ("no churn", "dropout"):
+        vals = [finals[(name, f"train.seed={s}")] for s in (0, 1)]
+        cell = f"{100 * np.mean(vals):.2f} ± {100 * np.std(vals, ddof=1):.2f}"
+        assert f"| {name} | 2/2 | {cell} |" in text
+    assert "dropout: " in text and "within 99 pp" in text  # checks on the means
+    assert (out / "seeded" / "compare.png").is_file()
+    from declora.experiments.compare import read_run
+
+    plain, dropped = (read_run(out / "seeded" / exp.runs[i].slug) for i in (0, 2))
+    assert cumulative_steps(plain) == [4 * 2 * 1.0, 4 * 2 * 2.0]  # every peer K steps per round
+    churn_steps = cumulative_steps(dropped)
+    assert churn_steps == [float(m["local_steps_taken"]) for m in dropped.metrics] and churn_steps[-1] < 16

@@ -117,19 +117,46 @@ def _peers(value: Any, n: int, path: str | Path) -> frozenset[int]:
     return frozenset(peers)
 
 
-def _entries(path: Path) -> list[dict[str, Any]]:
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.reader(f) if r and not r[0].lstrip().startswith("#")]
-        if not rows or [c.strip() for c in rows[0][:2]] != ["rounds", "offline"]:
-            raise _fail(path, "a CSV schedule needs the header `rounds,offline`")
-        return [{"rounds": r[0], "offline": ",".join(r[1:])} for r in rows[1:]]
+def _csv_entries(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(``line N``, entry) of a CSV schedule; a malformed line is named by its number."""
+    rows: list[tuple[int, list[str]]] = []
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            for r in reader:
+                if r and not r[0].lstrip().startswith("#"):
+                    rows.append((reader.line_num, r))
+        except csv.Error as err:
+            raise _fail(path, f"line {reader.line_num}: cannot parse it as CSV ({err})") from None
+    if not rows or [c.strip() for c in rows[0][1][:2]] != ["rounds", "offline"]:
+        raise _fail(path, "a CSV schedule needs the header `rounds,offline`")
+    for line, r in rows[1:]:
+        if len(r) < 2:
+            raise _fail(path, f"line {line}: {','.join(r)!r} needs two cells, rounds,offline (e.g. 5-8,0-4)")
+    return [(f"line {line}", {"rounds": r[0], "offline": ",".join(r[1:])}) for line, r in rows[1:]]
+
+
+def _yaml_entries(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(``entry N``, entry) of a YAML schedule; a YAML syntax error is named by its line."""
+    import yaml
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.to_container(OmegaConf.load(path)) or []
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path)) or []
+    except yaml.YAMLError as err:
+        mark, opened = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        if mark is not None and opened is not None and opened.line != mark.line:
+            where = f"line {mark.line + 1} (in what line {opened.line + 1} opened): "
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise _fail(path, f"{where}not valid YAML ({problem})") from None
     if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
         raise _fail(path, "a YAML schedule is a list of {rounds: ..., offline: ...} entries")
-    return raw
+    return [(f"entry {k}", e) for k, e in enumerate(raw, 1)]
+
+
+def _entries(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    return _csv_entries(path) if path.suffix.lower() == ".csv" else _yaml_entries(path)
 
 
 def load_schedule(path: str | Path, num_clients: int) -> Schedule:
@@ -143,12 +170,17 @@ def load_schedule(path: str | Path, num_clients: int) -> Schedule:
         raise _fail(path, "no such file")
     try:
         entries = _entries(p)
+    except ConfigError:
+        raise
     except (OSError, UnicodeDecodeError, csv.Error, ValueError) as err:
         raise _fail(path, f"cannot read it ({str(err).splitlines()[0]})") from None
     outages = []
-    for e in entries:
+    for where, e in entries:
         if set(e) != {"rounds", "offline"}:
-            raise _fail(path, f"entry {e} must have exactly the keys rounds and offline")
-        first, last = _rounds(e["rounds"], path)
-        outages.append(Outage(first, last, _peers(e["offline"], num_clients, path)))
+            raise _fail(path, f"{where} {e} must have exactly the keys rounds and offline")
+        try:
+            first, last = _rounds(e["rounds"], path)
+            outages.append(Outage(first, last, _peers(e["offline"], num_clients, path)))
+        except ConfigError as err:  # the same message, told where in the file
+            raise ConfigError(str(err).replace(f"{OPTION}={path}: ", f"{OPTION}={path}: {where}: ", 1)) from None
     return Schedule(tuple(outages))

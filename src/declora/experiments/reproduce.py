@@ -41,8 +41,8 @@ CHECKS = ("within", "at_least", "order")
 def default_recipes_dir() -> Path:
     """``recipes/reproduce`` of this checkout (editable install), else the copy inside the installed
     package (a wheel: ``declora/recipes``, see pyproject's package-data), else of the working directory."""
-    here = Path(__file__).resolve().parents[2] / "recipes" / "reproduce"
-    packaged = Path(__file__).resolve().parent / "recipes" / "reproduce"
+    here = Path(__file__).resolve().parents[3] / "recipes" / "reproduce"  # <repo>/src/declora/experiments/
+    packaged = Path(__file__).resolve().parents[1] / "recipes" / "reproduce"  # <site>/declora/experiments/
     return next((p for p in (here, packaged) if p.is_dir()), Path("recipes/reproduce"))
 
 
@@ -54,6 +54,7 @@ class RunSpec:
     overrides: list[str]
     scales: dict[str, list[str]] = field(default_factory=dict)
     paper: Any = None
+    group: str | None = None  # a recipe with ``seeds:``: the run's name without its seed
 
     @property
     def slug(self) -> str:
@@ -74,6 +75,7 @@ class Experiment:
     checks: list[dict[str, Any]]
     paper_metric: str = "best_accuracy"
     notes: str = ""
+    seeds: list[int] = field(default_factory=list)  # each run once per seed, reported as mean ± std
 
     def overrides(self, run: RunSpec, scale: str) -> list[str]:
         """Shared, then per-scale, then the run's own, then the run's per-scale overrides (later wins)."""
@@ -97,6 +99,15 @@ def load_experiment(path: Path) -> Experiment:
         if "name" not in r:
             raise ConfigError(f"{path}: runs[{i}] has no `name:`")
         runs.append(RunSpec(r["name"], list(r.get("overrides") or []), dict(r.get("scales") or {}), r.get("paper")))
+    seeds = [int(s) for s in raw.get("seeds") or []]
+    if seeds:  # declora.experiments.seeds: one run per (run, seed)
+        from declora.experiments.seeds import seed_name
+
+        runs = [
+            RunSpec(seed_name(r.name, s), [*r.overrides, f"train.seed={s}"], r.scales, r.paper, group=r.name)
+            for r in runs
+            for s in seeds
+        ]
     if len({r.slug for r in runs}) != len(runs):
         raise ConfigError(f"{path}: two runs have the same name; give each run its own `name:`")
     checks = list(raw.get("checks") or [])
@@ -114,6 +125,7 @@ def load_experiment(path: Path) -> Experiment:
         checks=checks,
         paper_metric=raw.get("paper_metric", "best_accuracy"),
         notes=raw.get("notes", ""),
+        seeds=seeds,
     )
 
 
@@ -186,7 +198,7 @@ def run_experiment(
     if scale not in SCALES:
         raise ConfigError(f"--scale {scale}: use one of {', '.join(SCALES)}")
     validate(exp, scale, out)
-    selected = [r for r in exp.runs if not only or r.name in only or r.slug in only]
+    selected = [r for r in exp.runs if not only or r.name in only or r.slug in only or r.group in only]
     todo = [r for r in selected if force or not (out / exp.name / r.slug / DONE).is_file()]
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     running: list[tuple[RunSpec, subprocess.Popen, float]] = []
@@ -222,6 +234,7 @@ def run_experiment(
 
 def write_report(exp: Experiment, scale: str, out: Path) -> Path:
     """``results.md`` (table, claim checks, commands), ``results.csv`` and ``compare.png`` from finished runs."""
+    from declora.experiments import seeds
     from declora.experiments.compare import plot_compare, read_run, write_csv
     from declora.experiments.report import check_lines, table
 
@@ -231,11 +244,12 @@ def write_report(exp: Experiment, scale: str, out: Path) -> Path:
     lines = [f"## {exp.name}: {exp.title}", ""]
     if exp.claim:
         lines += [f"**Paper:** {exp.claim}", ""]
-    lines += [table(exp, records), ""]
+    groups = seeds.group(exp, records) if exp.seeds else {}
+    lines += [seeds.seeded_table(exp, groups) if exp.seeds else table(exp, records), ""]
     missing = [r.name for r in exp.runs if r.name not in records]
     if missing:
         lines += [f"Not run yet: {', '.join(missing)}.", ""]
-    checks = check_lines(exp, records)
+    checks = check_lines(exp, seeds.mean_records(exp, groups) if exp.seeds else records)
     if checks:
         lines += ["**Checks** (computed from the table):", "", *[f"- {c}" for c in checks], ""]
     if exp.notes:
@@ -246,7 +260,10 @@ def write_report(exp: Experiment, scale: str, out: Path) -> Path:
     if records:
         runs = list(records.values())
         write_csv(runs, root / "results.csv")
-        plot_compare(runs, root / COMPARE_PLOT)
+        if exp.seeds:
+            seeds.plot_seeded(groups, root / COMPARE_PLOT)
+        else:
+            plot_compare(runs, root / COMPARE_PLOT)
         lines += [f"![{exp.name}]({COMPARE_PLOT})", ""]
     root.mkdir(parents=True, exist_ok=True)
     path = root / "results.md"

@@ -102,11 +102,20 @@ class Churn:
         """W_t of the live round (``topology.dynamic_mixing``)."""
         return dynamic_mixing_matrix(self.W, live, self.rule)
 
-    @staticmethod
-    def metrics(live: LiveRound, W_t: np.ndarray) -> dict[str, Any]:
-        """The metrics row's churn columns: online peers, live edges and W_t's spectral gap."""
+    def metrics(self, live: LiveRound, W_t: np.ndarray) -> dict[str, Any]:
+        """The metrics row's churn columns: online peers, live edges, W_t's spectral gap, and the local
+        steps all online peers took in rounds 1..t (``local_steps_taken``: what the run computed)."""
         gap = max(0.0, round(spectral_gap(W_t), 12))  # 0 (not 1e-16) when W_t is disconnected
-        return {"online_peers": len(live.online), "live_edges": len(live.edges), "spectral_gap_t": gap}
+        return {
+            "online_peers": len(live.online),
+            "live_edges": len(live.edges),
+            "spectral_gap_t": gap,
+            "local_steps_taken": self.steps_taken(live.round),
+        }
+
+    def steps_taken(self, rounds: int) -> int:
+        """Local steps of all online peers over rounds ``1..rounds`` (recomputed: the draws are pure)."""
+        return sum(sum(live.steps[i] for i in live.online) for live in map(self.live, range(1, rounds + 1)))
 
     def missed_rounds(self, rounds: int) -> list[int]:
         """How many of rounds ``1..rounds`` each peer was offline (recomputed: the draws are pure)."""

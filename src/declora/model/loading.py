@@ -144,8 +144,9 @@ def build_model(
     targets for the architecture (LLaMA: ``q_proj``, ``v_proj``).
     """
     from declora.model.peft_methods import wrap_model
-    from declora.model.quantized import bnb_config, keep_4bit_layers_trainable, quiet_bitsandbytes
+    from declora.model.quantized import bnb_config, hide_bnb_cpu_notice, keep_4bit_layers_trainable, quiet_bitsandbytes
 
+    hide_bnb_cpu_notice(model_cfg.quantization != "none")  # before peft imports bitsandbytes (eval/predict/export too)
     path = model_cfg.name_or_path  # a given base: where it came from (peft's tokenizer path, TEXT init)
     if base is None:
         path = resolve_model_path(path, gguf_file_of(model_cfg))

@@ -68,7 +68,8 @@ def hide_bnb_cpu_notice(quantized: bool) -> None:
     peft imports bitsandbytes whenever it is installed, and on a CPU with AVX512-BF16 bitsandbytes then
     logs that its optional ``kernels`` package is missing: noise for a run without a 4-bit layer. Only
     that message is dropped (a filter on its logger, installed before the import), and only when
-    ``quantized`` is false.
+    ``quantized`` is false. :func:`declora.model.loading.build_model` calls it before wrapping the base
+    with peft, so every command (train, eval, predict, export) and the Python API are covered.
     """
     logger = logging.getLogger(BNB_CPU_LOGGER)
     for f in [f for f in logger.filters if isinstance(f, _DropBnbCpuNotice)]:
