@@ -401,3 +401,24 @@ def test_four_process_dp_run_equals_the_simulation(tiny_overrides: list[str], tm
     assert own == rows[-1]["epsilon_per_peer"]
     summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
     assert summary["privacy"]["peers"] == sim["privacy"]["peers"]
+
+
+@pytest.mark.distributed
+def test_three_swarm_peers_spend_the_epsilon_of_the_simulation(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """runtime=swarm (3 peers on loopback): each peer reports its own (epsilon, sigma, q, steps), the same
+    as that peer in the simulation of the same config, with physical batches and a target epsilon."""
+    pytest.importorskip("hivemind")
+    from comm.test_swarm import _swarm  # tests/comm/test_swarm.py: runs `declora swarm`, kills every peer after
+
+    args = [o for o in tiny_overrides if not o.startswith(("out_dir=", "train.clients="))]
+    args += [*DP, "privacy.target_epsilon=4", "privacy.physical_batch_size=3", "save_adapters=false"]
+    sim = run(load_config(overrides=[*args, "train.clients=3", f"out_dir={tmp_path / 'sim'}"]))
+    rc, log = _swarm(tmp_path / "swarm", 3, [*args, "swarm.round_timeout_s=60"])
+    assert rc == 0, log[-3000:]
+    expected = {p["peer"]: p for p in sim["privacy"]["peers"]}
+    last = read_metrics(sim["run_dir"])[-1]
+    for i in range(3):
+        own = json.loads((tmp_path / "swarm" / f"peer_{i}" / "summary.json").read_text())
+        assert own["privacy"]["peers"] == [expected[i]], i
+        assert read_metrics(tmp_path / "swarm" / f"peer_{i}")[-1]["epsilon_per_peer"] == [last["epsilon_per_peer"][i]]
+    assert 4 - 0.011 <= max(p["epsilon"] for p in expected.values()) <= 4
