@@ -103,9 +103,9 @@ def _partition(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from declora.experiments.compare import differences, load_run, markdown_table, plot_compare, write_csv
+    from declora.experiments.compare import differences, markdown_table, plot_compare, read_run, write_csv
 
-    runs = [load_run(d) for d in args.run_dirs]
+    runs = [read_run(d) for d in args.run_dirs]
     for warning in differences(runs):  # settings that make the numbers incomparable
         print(f"declora: warning: {warning}", file=sys.stderr)
     print(markdown_table(runs))

@@ -87,6 +87,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(config_help())
         return 0
     cfg = load_config(args.config, args.overrides)
+    from declora.rundir.protect import check_out_dir
+
+    check_out_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # the trainer's check, before torch loads
     quiet_libraries()
     from declora.training.trainer import run
 
@@ -103,8 +106,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
-    from declora.launch.swarm import run_peer
+    from declora.launch.swarm import print_peer_id, run_peer
 
+    if args.print_id:  # the allowlist line "PEER_ID CLIENT_ID" of this peer's identity key, then exit
+        print_peer_id(args.config, args.overrides)
+        return 0
     summary = run_peer(args.config, args.overrides)
     print("\nsummary (this peer's own model)")
     print(format_summary(summary))
@@ -128,12 +134,13 @@ def swarm_out(clients: int, overrides: list[str], config: str | None, out: str |
     if clients < 1:
         raise ConfigError(f"--clients={clients} must be >= 1 (the number of local peers)")
     cfg = load_config(config, ["runtime=swarm", f"train.clients={clients}", *overrides])  # the peers' own checks
+    option = "--out"
     if cfg.out_dir is not None:
         if out is not None and Path(out) != Path(cfg.out_dir):
             raise ConfigError(f"out_dir={cfg.out_dir} and --out {out} disagree: give one of them")
-        out = cfg.out_dir
+        out, option = cfg.out_dir, "out_dir"
     if out is not None:
-        check_writable(out, "--out")
+        check_writable(out, option)
     return out, [o for o in overrides if not o.startswith("out_dir=")]
 
 
@@ -162,6 +169,9 @@ def add_train_commands(sub: Any) -> None:
 
     p = sub.add_parser("peer", help="run one serverless swarm peer (runtime=swarm); prints its address first")
     p.add_argument("--config", help=config_help)
+    p.add_argument(
+        "--print-id", action="store_true", help="print this peer's allowlist line 'PEER_ID CLIENT_ID' and exit"
+    )
     p.add_argument("overrides", nargs="*", help="e.g. swarm.client_id=1 swarm.initial_peers=[/ip4/.../p2p/...]")
     p.set_defaults(func=cmd_peer)
 

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from declora.config.root import Config
 from declora.errors import ConfigError
+from declora.rundir.layout import CONFIG  # names only: imports nothing of declora
 
 
 def load_config(
@@ -51,7 +52,7 @@ def load_config(
                 raise ConfigError(f"override {item!r} must look like key=value, e.g. train.clients=10")
         layers.append(OmegaConf.from_dotlist(list(overrides or [])))
         merged = OmegaConf.merge(*layers)
-        saved = Path(merged.resume or "") / "config.yaml"
+        saved = Path(merged.resume or "") / CONFIG
         if merged.resume is not None and saved.is_file():  # continue a run: its config is the base layer
             base = OmegaConf.load(saved)
             for once in ("overwrite", "resume_from_scratch"):  # said for one start, never inherited
@@ -94,7 +95,54 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
     first = str(err).splitlines()[0]
     if "not in struct" in first or "Key '" in first and "not" in first:
         return f"unknown option {key!r}: see `declora train --help-config` for the valid keys"
+    if isinstance(err, ValidationError):
+        expected = _expected_type(err)
+        if expected is not None:
+            return expected
     return f"{key}: {first}" if key else first
+
+
+# Examples for the list options, as a user would write them on the command line.
+_LIST_EXAMPLES = {
+    "peft.target_modules": "[query, value]",
+    "peft.modules_to_save": "[classifier]",
+    "peft.feedforward_modules": "[output.dense]",
+    "peft.ranks": "[4, 8]",
+    "data.verbalizers": "[' negative', ' positive']",
+    "partition.proportions": "[[0.15, 0.85], [0.85, 0.15]]",
+    "report_to": "[tensorboard]",
+    "swarm.initial_peers": "[/ip4/127.0.0.1/tcp/4001/p2p/PEER_ID]",
+    "swarm.announce_maddrs": "[/ip4/203.0.113.7/tcp/4001]",
+}
+_SCALARS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _expected_type(err: ValidationError) -> str | None:
+    """``peft.target_modules must be a list, e.g. [query, value] (got 'query')``: a type error in our words.
+
+    None when the option's type cannot be read (the caller then keeps OmegaConf's own message).
+    """
+    import types
+    import typing
+
+    cls, name, key = getattr(err, "object_type", None), getattr(err, "key", None), getattr(err, "full_key", "")
+    if cls is None or not dataclasses.is_dataclass(cls) or name not in {f.name for f in dataclasses.fields(cls)}:
+        return None
+    hint = typing.get_type_hints(cls)[name]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    optional = union and len(args) < len(typing.get_args(hint))
+    base, value = args[0], getattr(err, "value", None)
+    got = "null" if value is None else repr(value if isinstance(value, (str, int, float)) else str(value))
+    null = " or null" if optional else ""
+    if typing.get_origin(base) is list:
+        return f"{key} must be a list{null}, e.g. {_LIST_EXAMPLES.get(key, '[a, b]')} (got {got})"
+    if base not in _SCALARS:
+        return None
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+    shown = str(default).lower() if base is bool else default
+    example = f", e.g. {shown}" if default not in (None, "", dataclasses.MISSING) else ""
+    return f"{key} must be {_SCALARS[base]}{null}{example} (got {got})"
 
 
 def to_yaml(cfg: Config) -> str:

@@ -12,6 +12,7 @@ from declora.config.model import ModelConfig, PeftConfig
 from declora.config.runtime import PrivacyConfig, SwarmConfig
 from declora.config.training import CommConfig, EvalConfig, TopologyConfig, TrainConfig, check_batch_clients
 from declora.errors import ConfigError
+from declora.rundir.layout import CONFIG  # names only: imports nothing of declora
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Config:
             raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = never)")
         if self.checkpoint_keep < 1:
             raise ConfigError(f"checkpoint_keep={self.checkpoint_keep} must be >= 1 (the newest checkpoint)")
-        if self.resume is not None and not (Path(self.resume) / "config.yaml").is_file():
+        if self.resume is not None and not (Path(self.resume) / CONFIG).is_file():
             raise ConfigError(f"resume={self.resume}: not a run directory (no config.yaml); give an earlier out_dir")
         if self.train.algorithm in ("dec_ffa_lora", "dec_decaf") and self.peft.method != "lora":
             raise ConfigError(

@@ -118,3 +118,25 @@ class SwarmConfig:
             )
         if not self.name or any(c.isspace() for c in self.name):
             raise ConfigError(f"swarm.name={self.name!r} must be a non-empty word")
+        _check_multiaddrs("swarm.initial_peers", self.initial_peers, "/ip4/192.0.2.1/tcp/4001/p2p/PEER_ID")
+        _check_multiaddrs("swarm.announce_maddrs", self.announce_maddrs, "/ip4/203.0.113.7/tcp/4001")
+
+
+def _check_multiaddrs(option: str, addresses: list[str], example: str) -> None:
+    """Each address must parse as a libp2p multiaddr (hivemind's parser), before any daemon starts.
+
+    Without hivemind (the ``swarm`` extra) nothing is checked here: runtime=swarm then stops on its own
+    missing-package line.
+    """
+    if not addresses:
+        return
+    try:
+        from hivemind.utils.multiaddr import Multiaddr
+    except ImportError:
+        return
+    for address in addresses:
+        try:
+            Multiaddr(str(address))
+        except Exception as err:  # noqa: BLE001 - the parser raises ParseError/ValueError/TypeError by case
+            detail = " ".join(str(err).split())
+            raise ConfigError(f"{option}: {address!r} is not a multiaddr ({detail}); e.g. {example}") from None

@@ -7,8 +7,8 @@ Run while the data is read, before any model is loaded:
 - a label column read as floats because a row is blank or lacks its label (the row is named); a
   float label column without gaps (``0.0``/``1.0``) is read as the integers it holds;
 - ``partition.proportions`` rows longer than the number of classes the data has;
-- a client left without examples by the split, and a ``data.validation_split`` the data lacks
-  (:func:`check_before_model`, once the split is drawn and before the model loads).
+- a ``data.validation_split`` the data lacks (:func:`check_validation_split`, before the data is read),
+  and a client left without examples by the split (:func:`check_partition`, before the model loads).
 """
 
 from __future__ import annotations
@@ -151,18 +151,16 @@ def check_partition(parts: list[Any], partition: Any) -> None:
         )
 
 
-def check_before_model(cfg: Any, parts: list[Any], given_splits: Any = None) -> None:
-    """The data checks that need the split but no model: empty clients, and ``data.validation_split``.
+def check_validation_split(cfg: Any, given_splits: Any = None) -> None:
+    """``data.validation_split`` must name a split the data has (checked before the data is read).
 
     Args:
         cfg: the run's config.
-        parts: each worker's training indices.
-        given_splits: datasets passed in memory (``declora.train(data=...)``): no validation split file.
+        given_splits: datasets passed in memory (``declora.train(data=...)``): they have no validation split.
 
     Raises:
-        ConfigError: an empty client, or a ``data.validation_split`` the data does not have.
+        ConfigError: naming the option, the folder and the fix.
     """
-    check_partition(parts, cfg.partition)
     if not given_splits:
         from declora.data.validation import validation_split_name
 

@@ -17,6 +17,7 @@ import networkx as nx
 import numpy as np
 
 from declora.errors import ConfigError
+from declora.mixing.edge_list import read_edge_list
 
 if TYPE_CHECKING:
     from declora.config import TopologyConfig
@@ -100,36 +101,8 @@ def build_graph(
             f"raise topology.p (connectivity needs p > ln(N)/N ≈ {threshold:.2f})"
         )
     if kind == "edge_list":
-        return _read_edge_list(edges_file, n)
+        return read_edge_list(edges_file, n)
     raise ValueError(f"topology.kind={kind!r} is unknown; choose one of: {', '.join(TOPOLOGIES)}")
-
-
-def _read_edge_list(edges_file: str | None, n: int) -> nx.Graph:
-    """Read and validate an ``i j`` edge-list file for ``n`` clients."""
-    if edges_file is None or not Path(edges_file).is_file():
-        raise ValueError(f"topology.edges_file={edges_file!r} is not a readable file; point it at an 'i j' edge list")
-    try:
-        raw = nx.read_edgelist(edges_file, nodetype=int, comments="#", data=False)
-    except (TypeError, ValueError) as exc:
-        msg = str(exc).replace("\n", " ")
-        raise ValueError(
-            f"topology.edges_file={edges_file!r} could not be parsed ({msg}); use one 'i j' integer pair per line"
-        ) from None
-    nodes = set(raw.nodes())
-    expected = set(range(n))
-    if nodes != expected:
-        extra, missing = sorted(nodes - expected), sorted(expected - nodes)
-        raise ValueError(
-            f"topology.edges_file={edges_file!r} must use exactly nodes 0..{n - 1} (train.clients={n}); "
-            f"unexpected nodes {extra}, missing nodes {missing}"
-        )
-    g = _canonical(raw, n)
-    if not nx.is_connected(g):
-        raise ValueError(
-            f"topology.edges_file={edges_file!r} describes a disconnected graph "
-            f"({nx.number_connected_components(g)} components); add edges so all clients are connected"
-        )
-    return g
 
 
 def mixing_matrix(graph: nx.Graph, rule: str = "laplacian") -> np.ndarray:
