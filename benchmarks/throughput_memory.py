@@ -29,7 +29,6 @@ Usage (wrap in ``flock /tmp/declora-heavy.lock`` on a shared machine):
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import DECLORA, SHARED_SST2, overrides, summary
 
 import declora.client.client
 from declora.client.precision import cpu_has_native_bf16
@@ -250,18 +250,9 @@ def memory(args: argparse.Namespace, common: list[str], tmp: Path) -> None:
     mb = {}
     for n in (1, 10, 20):
         out = tmp / f"mem{n}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "declora",
-            "train",
-            *base,
-            f"train.clients={n}",
-            f"train.local_steps={steps // n}",
-            f"out_dir={out}",
-        ]
+        cmd = [*DECLORA, "train", *base, f"train.clients={n}", f"train.local_steps={steps // n}", f"out_dir={out}"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        mb[n] = json.loads((out / "summary.json").read_text())["peak_rss_mb"]
+        mb[n] = summary(out)["peak_rss_mb"]
         print(
             f"  dec_lora {n:>2} clients x {steps // n:>3} steps of {args.batch_size}: {mb[n]:.0f} MB "
             f"({mb[n] / mb[1]:.3f}x one client)",
@@ -276,26 +267,22 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--local-steps", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--data", default="../shared/data/sst2")
+    ap.add_argument("--data", default=str(SHARED_SST2))
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
     per_round = args.clients * args.local_steps * args.batch_size
     if args.samples % per_round:
         ap.error(f"--samples must be a multiple of clients x local steps x batch size = {per_round}")
-    common = [
-        f"data.path={args.data}",
-        f"train.clients={args.clients}",
-        f"train.rounds={args.samples // per_round}",
-        f"train.local_steps={args.local_steps}",
-        f"train.batch_size={args.batch_size}",
-        "data.max_eval_examples=32",
-        "eval.clients=false",
-        "progress=false",
-        "plots=false",
-        "save_adapters=false",
-        "checkpoint_every=0",
-    ]
+    common = overrides(
+        data=args.data,
+        clients=args.clients,
+        rounds=args.samples // per_round,
+        local_steps=args.local_steps,
+        batch_size=args.batch_size,
+        eval_examples=32,
+        extra=["eval.clients=false", "checkpoint_every=0"],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_memory:
             memory(args, common, Path(tmp))

@@ -53,6 +53,7 @@ class Client:
     optimizer: torch.optim.Optimizer = field(init=False)
     step_losses: list[float] = field(init=False, default_factory=list)  # the last local_steps, per step
     privacy: Any = field(init=False, default=None)  # declora.client.dp_sgd.PeerPrivacy under privacy.mechanism=dp_sgd
+    flip_labels: int = field(init=False, default=0)  # byzantine.attack=label_flip: the number of classes C
 
     def __post_init__(self) -> None:
         trained = [p for p in self.params.values() if p.requires_grad]
@@ -85,6 +86,8 @@ class Client:
         self.step_losses, micro = [], []  # per optimizer step: the mean of its micro-batch losses
         for k in range(steps * accum):  # accum micro-batches per optimizer step
             batch = collate(data.train, self.stream.next(), data.pad_token_id, device)
+            if self.flip_labels:  # a label_flip attacker trains on class C - 1 - y (declora.byzantine.attacks)
+                batch["labels"] = (self.flip_labels - 1) - batch["labels"]
             with autocast(self.train_cfg.mixed_precision, device):  # a no-op context for mixed_precision=no
                 if self.privacy is None:
                     loss = forward_with(model, self.params, batch).loss
