@@ -20,9 +20,8 @@ import os
 import sys
 
 from declora.errors import DecloraError, PeerError, debug_requested, one_line
-from declora.quiet import quiet_libraries
 
-__all__ = ["build_parser", "main", "quiet_libraries"]  # quiet_libraries: kept importable from here (benchmarks)
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

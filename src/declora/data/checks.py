@@ -7,7 +7,7 @@ Run while the data is read, before any model is loaded:
 - a label column read as floats because a row is blank or lacks its label (the row is named); a
   float label column without gaps (``0.0``/``1.0``) is read as the integers it holds;
 - ``partition.proportions`` rows longer than the number of classes the data has;
-- a ``data.validation_split`` the data lacks (:func:`check_validation_split`, before the data is read),
+- a ``data.validation_split`` the data lacks (:func:`declora.data.validation.check_validation_split`),
   and a client left without examples by the split (:func:`check_partition`, before the model loads).
 """
 
@@ -149,19 +149,3 @@ def check_partition(parts: list[Any], partition: Any) -> None:
             f"partition.kind={partition.kind} leaves client {empty[0]} with no training examples "
             f"({len(empty)} of {len(parts)} clients empty); {_empty_client_fix(partition)}"
         )
-
-
-def check_validation_split(cfg: Any, given_splits: Any = None) -> None:
-    """``data.validation_split`` must name a split the data has (checked before the data is read).
-
-    Args:
-        cfg: the run's config.
-        given_splits: datasets passed in memory (``declora.train(data=...)``): they have no validation split.
-
-    Raises:
-        ConfigError: naming the option, the folder and the fix.
-    """
-    if not given_splits:
-        from declora.data.validation import validation_split_name
-
-        validation_split_name(cfg)  # the same resolution load_validation makes after the model loads

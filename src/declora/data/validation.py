@@ -164,3 +164,17 @@ def improves(history: list[dict[str, Any]], row: dict[str, Any]) -> bool:
         return False
     earlier = [r["val_accuracy"] for r in history if r is not row and r.get("val_accuracy") is not None]
     return not earlier or row["val_accuracy"] > max(earlier)
+
+
+def check_validation_split(cfg: Any, given_splits: Any = None) -> None:
+    """``data.validation_split`` must name a split the data has (checked before the data is read).
+
+    Args:
+        cfg: the run's config.
+        given_splits: datasets passed in memory (``declora.train(data=...)``): they have no validation split.
+
+    Raises:
+        ConfigError: naming the option, the folder and the fix.
+    """
+    if not given_splits:
+        validation_split_name(cfg)  # the same resolution load_validation makes after the model loads

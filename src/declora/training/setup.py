@@ -20,10 +20,10 @@ from declora.client.dp_sgd import attach as attach_privacy
 from declora.client.precision import check_mixed_precision
 from declora.config import Config, ConfigError
 from declora.data.causal import load_causal_task
-from declora.data.checks import check_partition, check_proportions, check_validation_split
+from declora.data.checks import check_partition, check_proportions
 from declora.data.grouping import token_lengths
 from declora.data.loading import BatchStream, TaskData, load_task
-from declora.data.validation import load_validation
+from declora.data.validation import check_validation_split, load_validation
 from declora.mixing.topology import Topology
 from declora.model.loading import (
     build_model,

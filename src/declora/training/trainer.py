@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any
 
 import numpy as np
 
 from declora.algorithms import build_algorithm
-from declora.byzantine.report import honest_accuracy, honest_members
 from declora.client import batched
 from declora.client.client import Client
 from declora.client.dp_sgd import metrics as privacy_metrics
@@ -34,8 +32,7 @@ from declora.client.guards import Guard
 from declora.comm import Communicator, build_communicator
 from declora.config import Config
 from declora.data.validation import improves
-from declora.evaluation.evaluate import evaluate, length_sorted
-from declora.evaluation.membership import member_consensus, membership_metrics
+from declora.evaluation.evaluate import length_sorted
 from declora.fault_injection import maybe_fail
 from declora.mixing.churn import Churn, LiveRound
 from declora.model.quantized import hide_bnb_cpu_notice
@@ -47,9 +44,9 @@ from declora.training.callbacks import CallbackList
 from declora.training.checkpoint import Progress
 from declora.training.finish import finish, save_adapter
 from declora.training.result import Inputs
+from declora.training.round_eval import evaluate_round
 from declora.training.setup import Setup, make_clients, setup
 from declora.training.trackers import build_trackers
-from declora.types import State
 
 
 def run(
@@ -273,60 +270,3 @@ class Loop:
         if round_ and self.bar is not None:
             loss = row["train_loss"] if row["train_loss"] is not None else float("nan")
             self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{row['accuracy']:.3f}", cons=f"{row['consensus_error']:.2e}")
-
-
-def evaluate_round(
-    s: Setup,
-    clients: dict[int, Client],
-    comm: Communicator,
-    avg_idx: np.ndarray,
-    client_idx: np.ndarray,
-    local: dict[int, dict[str, Any]] | None = None,
-    members: list[int] | None = None,
-    online: list[int] | None = None,
-) -> dict[str, Any]:
-    """Averaged-model accuracy, per-client accuracy (mean/min/max) and the consensus error.
-
-    Args:
-        local: if given, filled with each local client's own numbers (``ranks/rank_<r>/metrics.jsonl``).
-        members: the peers the averaged model and the consensus error are over (None: all).
-        online: under churn, the peers online this round: adds ``members`` and ``online_accuracy``.
-    """
-    states = {i: c.state() for i, c in clients.items()}
-    mean = s.algorithm.averaged(comm, states, members)  # metrics only: not counted
-    avg = evaluate(s.model, mean, s.data, avg_idx, s.device, s.cfg.eval.batch_size)
-    row: dict[str, Any] = {"accuracy": avg.accuracy, "eval_loss": avg.loss}
-    if s.validation is not None:  # model selection only; draws no RNG, so the numbers above are unchanged
-        val = evaluate(s.model, mean, s.validation, length_sorted(s.validation), s.device, s.cfg.eval.batch_size)
-        row |= {"val_accuracy": val.accuracy, "val_loss": val.loss}
-    dist = comm.gather({i: s.algorithm.distance(c.state(), mean) for i, c in clients.items()})  # products: dec_decaf
-    workers = s.algorithm.workers(s.cfg.train)  # byzantine.peers: the consensus of the honest peers only
-    row["consensus_error"] = member_consensus(dist, honest_members(members, s.algorithm.excluded, workers))
-    if online is not None:
-
-        def score(state: State) -> float:
-            return evaluate(s.model, state, s.data, avg_idx, s.device, s.cfg.eval.batch_size).accuracy
-
-        workers = s.algorithm.workers(s.cfg.train)
-        averaged = partial(s.algorithm.averaged, comm, states)
-        row |= membership_metrics(averaged, score, avg.accuracy, members, online, workers)
-    accs: dict[int, float] = {}
-    if s.cfg.eval.clients:
-        accs = comm.gather(
-            {
-                i: evaluate(s.model, c.state(), s.data, client_idx, s.device, s.cfg.eval.batch_size).accuracy
-                for i, c in clients.items()
-            }
-        )
-        values = list(accs.values())
-        row |= {
-            "client_accuracy_mean": float(np.mean(values)),
-            "client_accuracy_min": float(np.min(values)),
-            "client_accuracy_max": float(np.max(values)),
-        } | honest_accuracy(accs, s.algorithm.excluded)  # byzantine.peers: honest_accuracy_mean/min
-    else:
-        row |= {"client_accuracy_mean": None, "client_accuracy_min": None, "client_accuracy_max": None}
-    if local is not None:
-        for i in clients:
-            local[i] = {"client_accuracy": accs.get(i), "squared_distance": dist[i]}
-    return row
