@@ -137,7 +137,7 @@ def local_steps(
 
 def enabled(cfg: Any, local_clients: int) -> bool:
     """Whether the trainer batches its clients: ``true``, or ``auto`` where supported and worth it."""
-    from declora.config.training import batch_clients_refusal
+    from declora.config.train import batch_clients_refusal
 
     mode = cfg.train.batch_clients
     return mode is True or (mode == "auto" and local_clients > 1 and batch_clients_refusal(cfg) is None)

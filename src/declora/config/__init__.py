@@ -11,12 +11,18 @@ Example:
 """
 
 from declora.config.byzantine import ByzantineConfig
-from declora.config.dataset import DataConfig, PartitionConfig
+from declora.config.comm import CommConfig
+from declora.config.data import DataConfig
+from declora.config.eval import EvalConfig
 from declora.config.loading import config_help, load_config, to_yaml
-from declora.config.model import ModelConfig, PeftConfig
+from declora.config.model import ModelConfig
+from declora.config.partition import PartitionConfig
+from declora.config.peft import PeftConfig
+from declora.config.privacy import PrivacyConfig
 from declora.config.root import Config
-from declora.config.runtime import PrivacyConfig, SwarmConfig
-from declora.config.training import CommConfig, EvalConfig, TopologyConfig, TrainConfig
+from declora.config.swarm import SwarmConfig
+from declora.config.topology import TopologyConfig
+from declora.config.train import TrainConfig
 from declora.errors import ConfigError
 
 __all__ = [

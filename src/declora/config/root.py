@@ -6,11 +6,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from declora.config.byzantine import ByzantineConfig, check_byzantine
-from declora.config.dataset import DataConfig, PartitionConfig
+from declora.config.comm import CommConfig
+from declora.config.data import DataConfig
+from declora.config.eval import EvalConfig
 from declora.config.fields import _check_finite, _choice, _f
-from declora.config.model import ModelConfig, PeftConfig
-from declora.config.runtime import PrivacyConfig, SwarmConfig
-from declora.config.training import CommConfig, EvalConfig, TopologyConfig, TrainConfig, check_batch_clients
+from declora.config.model import ModelConfig
+from declora.config.partition import PartitionConfig
+from declora.config.peft import PeftConfig
+from declora.config.privacy import PrivacyConfig
+from declora.config.swarm import SwarmConfig
+from declora.config.topology import TopologyConfig
+from declora.config.train import TrainConfig, check_batch_clients
 from declora.errors import ConfigError
 from declora.rundir.layout import CONFIG  # names only: imports nothing of declora
 
