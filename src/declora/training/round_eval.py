@@ -53,7 +53,6 @@ def evaluate_round(
         def score(state: State) -> float:
             return evaluate(s.model, state, s.data, avg_idx, s.device, s.cfg.eval.batch_size).accuracy
 
-        workers = s.algorithm.workers(s.cfg.train)
         averaged = partial(s.algorithm.averaged, comm, states)
         row |= membership_metrics(averaged, score, avg.accuracy, members, online, workers)
     accs: dict[int, float] = {}

@@ -35,7 +35,6 @@ from declora.data.validation import improves
 from declora.evaluation.evaluate import length_sorted
 from declora.fault_injection import maybe_fail
 from declora.mixing.churn import Churn, LiveRound
-from declora.model.quantized import hide_bnb_cpu_notice
 from declora.rundir import layout, protect
 from declora.rundir.adapters import save_best
 from declora.rundir.writer import RunDir
@@ -68,7 +67,6 @@ def run(
     # 0. Set-up: every check that can fail does so before the first round.
     checkpoint.check_resumable(cfg)
     protect.check_out_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # before any model
-    hide_bnb_cpu_notice(cfg.model.quantization != "none")  # before peft imports bitsandbytes
     algorithm = build_algorithm(cfg.train.algorithm, cfg)  # built once, handed down
     own_comm = comm is None
     comm = comm or build_communicator(cfg, algorithm.workers(cfg.train))
