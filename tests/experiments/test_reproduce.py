@@ -11,7 +11,7 @@ import pytest
 
 from declora.cli.app import main
 from declora.config import ConfigError
-from declora.experiments.report import check_lines, spearman
+from declora.experiments.report import check_lines, spearman, title
 from declora.experiments.reproduce import (
     GENERATED_MARKER,
     find_experiment,
@@ -63,6 +63,15 @@ def test_within_is_two_sided_and_at_least_one_sided() -> None:
     assert lines[0].startswith("better: 84.00 vs ref 80.00 (+4.00 pp)") and "NOT within 1 pp" in lines[0]
     assert "— within 1 pp" in lines[1] and "NOT within" in lines[2]
     assert "at least as good" in lines[3] and "at least as good" in lines[4] and "worse by > 1 pp" in lines[5]
+
+
+def test_best_column_is_named_for_the_split_that_picked_its_round() -> None:
+    def record(selected_on: str) -> SimpleNamespace:
+        return SimpleNamespace(_summary={"best_round_selected_on": selected_on}, metrics=[], path=Path("."))
+
+    assert title("best_accuracy", [record("validation"), record("validation")]) == "best acc %"
+    assert title("best_accuracy", [record("validation"), record("test")]) == "max test acc %"
+    assert title("final_accuracy", [record("test")]) == "final acc %"
 
 
 def test_spearman_signs() -> None:

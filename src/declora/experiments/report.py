@@ -53,6 +53,15 @@ def value(record: RunRecord, key: str) -> Any:
     return summary.get(key)
 
 
+def title(key: str, records: list[RunRecord]) -> str:
+    """A column's header. ``best_accuracy`` is named for what picked its round: ``best acc %`` when every
+    run picked it on a validation split, ``max test acc %`` (an optimistic, test-selected number) when a
+    run had no validation split (``data.validation_split=none``; summary ``best_round_selected_on``)."""
+    if key == "best_accuracy" and any(value(r, "best_round_selected_on") != "validation" for r in records):
+        return "max test acc %"
+    return TITLES.get(key, key)
+
+
 def fmt(key: str, v: Any) -> str:
     if v is None:
         return "-"
@@ -75,7 +84,7 @@ def table(exp: Any, records: dict[str, RunRecord]) -> str:
     """One Markdown row per run in recipe order; a ``paper`` column when the recipe has paper numbers."""
     with_paper = any(r.paper is not None for r in exp.runs)
     head = ["run", *([f"paper ({TITLES.get(exp.paper_metric, exp.paper_metric)})"] if with_paper else [])]
-    head += [TITLES.get(c, c) for c in exp.columns]
+    head += [title(c, list(records.values())) for c in exp.columns]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for run in exp.runs:
         rec = records.get(run.name)

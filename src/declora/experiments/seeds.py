@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from declora.experiments.compare import RunRecord
-from declora.experiments.report import TITLES, fmt, value
+from declora.experiments.report import fmt, title, value
 
 
 def seed_name(name: str, seed: int) -> str:
@@ -43,7 +43,8 @@ def _mean_std(values: list[Any]) -> tuple[float | None, float | None]:
 
 def seeded_table(exp: Any, groups: dict[str, list[RunRecord]]) -> str:
     """One Markdown row per base run: ``mean ± std`` of every column over its finished seeds."""
-    head = ["run", "seeds", *[TITLES.get(c, c) for c in exp.columns]]
+    every = [r for recs in groups.values() for r in recs]
+    head = ["run", "seeds", *[title(c, every) for c in exp.columns]]
     lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(exp.columns)]
     for name, recs in groups.items():
         cells = [name, f"{len(recs)}/{len(exp.seeds)}"]
