@@ -11,9 +11,10 @@
    and B, the task head; under dec_ffa_lora B and the head only) through ``torch.func``: ``vmap`` over
    ``grad`` of the same ``functional_call`` that swaps the peer's tensors into the one shared base;
 3. clips it to L2 norm ``C = privacy.max_grad_norm`` over all trained tensors jointly (factor
-   ``min(1, C / (||g_x|| + 1e-6))``, Opacus' formula), sums, adds ``N(0, (sigma C)^2)`` to every
-   coordinate, and divides by the expected batch size ``train.batch_size``. The optimizer (AdamW/SGD,
-   its state, weight decay, the lr schedule) then only post-processes that noisy gradient.
+   ``min(1, C / (||g_x|| + 1e-6))``, Opacus' formula; or head and adapters apart with
+   ``privacy.clipping=per_group``, the same sensitivity C: declora.client.dp_clipping), sums, adds
+   ``N(0, (sigma C)^2)`` to every coordinate, and divides by the expected batch size ``train.batch_size``.
+   The optimizer (AdamW/SGD, its state, weight decay, the lr schedule) then only post-processes that noisy gradient.
 
 **Physical batches** (``privacy.physical_batch_size``, Opacus' BatchMemoryManager): step 2-3 run on
 chunks of at most that many examples of the drawn batch, and the clipped sums are added up; the noise
@@ -72,24 +73,23 @@ from torch import nn
 from declora.client.dp_accounting import accountant as _accountant
 from declora.client.dp_accounting import calibrate, epsilon_of
 from declora.client.dp_batches import PoissonStream, ShuffleStream, physical_chunks, rng_seed
+from declora.client.dp_clipping import clip_and_sum, clip_groups, clip_groups_and_sum
 from declora.client.per_example import per_example_grads
 from declora.config import Config, ConfigError, PrivacyConfig
 
-__all__ = ["PeerPrivacy", "attach", "calibrate", "epsilon_of", "metrics", "per_example_grads", "summary"]
+__all__ = [
+    "PeerPrivacy",
+    "attach",
+    "calibrate",
+    "clip_and_sum",
+    "epsilon_of",
+    "metrics",
+    "per_example_grads",
+    "summary",
+]
 from declora.types import State
 
 _NOISE = 0xD9  # keeps the noise stream apart from other seeds
-
-
-def clip_and_sum(grads: State, clip: float) -> tuple[State, torch.Tensor]:
-    """Clip every example's gradient (all tensors jointly) to norm ``clip`` and sum over examples.
-
-    Returns:
-        ``(summed, norms)``: name -> summed clipped gradient, and the (B,) norms before clipping.
-    """
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
-    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
-    return {n: torch.einsum("b,b...->...", factor, g) for n, g in grads.items()}, norms
 
 
 @dataclass
@@ -108,6 +108,7 @@ class PeerPrivacy:
     steps: int = 0  # DP steps taken (= the accountant's steps; numbers the noise generator too)
     accountant: Any = field(init=False)
     norms: list[torch.Tensor] = field(init=False, default_factory=list)  # per-example norms since clip_stats()
+    clipped: list[torch.Tensor] = field(init=False, default_factory=list)  # whether each of those was clipped
 
     def __post_init__(self) -> None:
         self.accountant = _accountant(self.cfg.accountant)
@@ -123,9 +124,12 @@ class PeerPrivacy:
         """
         summed: State = {}
         losses, norms = [], []
-        for chunk in physical_chunks(batch, self.cfg.physical_batch_size):
+        pc = self.cfg
+        for chunk in physical_chunks(batch, pc.physical_batch_size):
             grads, chunk_losses = per_example_grads(model, params, chunk, self.causal)
-            part, chunk_norms = clip_and_sum(grads, self.cfg.max_grad_norm)
+            groups = clip_groups(list(grads), pc.max_grad_norm, pc.clipping, pc.head_clip_share)
+            part, chunk_norms, chunk_clipped = clip_groups_and_sum(grads, groups)
+            self.clipped.append(chunk_clipped.detach().cpu())
             del grads  # the (chunk, *shape) per-example gradients: the memory a physical batch bounds
             summed = part if not summed else {n: summed[n] + g for n, g in part.items()}
             losses.append(chunk_losses)
@@ -160,12 +164,15 @@ class PeerPrivacy:
 
     def clip_stats(self) -> tuple[float, float, float]:
         """(median, 90th percentile) of the per-example gradient norms since the last call, and the
-        fraction of those examples that were clipped (norm > C); NaNs when no example was seen. Resets."""
-        norms, self.norms = (torch.cat(self.norms) if self.norms else torch.zeros(0)), []
+        fraction of those examples that were clipped (norm > C; per_group: any group over its bound); NaNs
+        when no example was seen. Resets."""
+        flags = torch.cat(self.clipped) if self.clipped and len(self.clipped) == len(self.norms) else None
+        norms, self.norms, self.clipped = (torch.cat(self.norms) if self.norms else torch.zeros(0)), [], []
+        clipped = flags if flags is not None else norms > self.cfg.max_grad_norm  # flat: norm over C
         if not len(norms):
             return math.nan, math.nan, math.nan
         median, p90 = torch.quantile(norms.double(), torch.tensor([0.5, 0.9], dtype=torch.float64)).tolist()
-        return median, p90, float((norms > self.cfg.max_grad_norm).double().mean())
+        return median, p90, float(clipped.double().mean())
 
     def epsilon(self) -> float:
         return epsilon_of(self.accountant, self.cfg.delta)
@@ -268,6 +275,8 @@ def summary(clients: dict[int, Any], comm: Any, cfg: Config) -> dict[str, Any]:
             "poisson": pc.poisson,
             "secure_rng": pc.secure_rng,
             "max_grad_norm": pc.max_grad_norm,
+            "clipping": pc.clipping,
+            "head_clip_share": pc.head_clip_share if pc.clipping == "per_group" else None,
             "target_epsilon": pc.target_epsilon,
             "peers": peers,
         },

@@ -16,6 +16,15 @@ class PrivacyConfig:
         "adds Gaussian noise (declora.client.dp_sgd); epsilon per peer goes to metrics.jsonl and summary.json.",
     )
     max_grad_norm: float = _f(1.0, "dp_sgd: per-example clipping bound C (L2 over all trained tensors jointly).")
+    clipping: str = _f(
+        "flat",
+        "dp_sgd: flat (each example's gradient over all trained tensors clipped to C), or per_group: the head "
+        "(modules_to_save) clipped to C*sqrt(head_clip_share) and the adapters to C*sqrt(1-head_clip_share), "
+        "the same sensitivity C (declora.client.dp_clipping).",
+    )
+    head_clip_share: float = _f(
+        0.5, "dp_sgd with clipping=per_group: the head's share of C^2 (0 < share < 1); the adapters get the rest."
+    )
     noise_multiplier: float | None = _f(
         None, "dp_sgd: sigma (noise std = sigma * C per coordinate); or null and set privacy.target_epsilon."
     )
@@ -43,6 +52,9 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         _choice("privacy.mechanism", self.mechanism, ("none", "dp_sgd"))
         _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
+        _choice("privacy.clipping", self.clipping, ("flat", "per_group"))
+        if not 0.0 < self.head_clip_share < 1.0:
+            raise ConfigError(f"privacy.head_clip_share={self.head_clip_share} must be in (0, 1), e.g. 0.5")
         _positive("privacy.max_grad_norm", self.max_grad_norm)
         _int_at_least("privacy.physical_batch_size", self.physical_batch_size, 1, optional=True)
         if self.noise_multiplier is not None:
