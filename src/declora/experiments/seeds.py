@@ -109,16 +109,17 @@ def plot_seeded(groups: dict[str, list[RunRecord]], path: str | Path) -> None:
     FigureCanvasAgg(fig)
     by_round, by_steps = fig.subplots(1, 2)
     handles = []
-    for name, recs in done.items():
+    for k, (name, recs) in enumerate(done.items()):
+        style = {"color": f"C{k % 10}", "ls": ("-", "--", ":")[k // 10 % 3]}  # past 10 runs the colours repeat
         rounds = sorted(set.intersection(*[{m["round"] for m in r.metrics} for r in recs]))
         acc = np.array([[next(m["accuracy"] for m in r.metrics if m["round"] == t) for t in rounds] for r in recs])
         steps = np.array(
             [[s for m, s in zip(r.metrics, cumulative_steps(r), strict=True) if m["round"] in rounds] for r in recs]
         )
         mean, std = acc.mean(0), acc.std(0, ddof=1) if len(recs) > 1 else np.zeros(len(rounds))
-        line = by_round.plot(rounds, mean, marker="o", ms=3, label=f"{name} (n={len(recs)})")[0]
+        line = by_round.plot(rounds, mean, marker="o", ms=3, label=f"{name} (n={len(recs)})", **style)[0]
         by_round.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-        by_steps.plot(steps.mean(0), mean, marker="o", ms=3, color=line.get_color())
+        by_steps.plot(steps.mean(0), mean, marker="o", ms=3, **style)
         by_steps.fill_between(steps.mean(0), mean - std, mean + std, color=line.get_color(), alpha=0.15)
         handles.append(line)
     by_round.set(xlabel="round", ylabel="accuracy (averaged model), mean ± std")
