@@ -14,6 +14,7 @@ from declora.config import ConfigError
 from declora.experiments.report import check_lines, spearman, title
 from declora.experiments.reproduce import (
     GENERATED_MARKER,
+    collect,
     find_experiment,
     list_experiments,
     load_experiment,
@@ -72,6 +73,18 @@ def test_best_column_is_named_for_the_split_that_picked_its_round() -> None:
     assert title("best_accuracy", [record("validation"), record("validation")]) == "best acc %"
     assert title("best_accuracy", [record("validation"), record("test")]) == "max test acc %"
     assert title("final_accuracy", [record("test")]) == "final acc %"
+
+
+def test_a_page_for_one_experiment_keeps_every_other_section(tmp_path: Path) -> None:
+    """`--page` with one experiment rewrites that section only: the others, the intro and the text above the
+    marker stay (the earlier code dropped every section it was not asked about)."""
+    page = tmp_path / "results.md"
+    body = "## alpha: first\n\n| a |\n\n## beta: second\n\n| b |\n"
+    page.write_text(f"# Results\n\nhand-written\n{GENERATED_MARKER}\n\nintro line\n\n{body}")
+    collect([], "cpu", tmp_path / "out", page)
+    text = page.read_text()
+    assert text.startswith("# Results\n\nhand-written\n") and "intro line" in text
+    assert text.index("## alpha: first") < text.index("| a |") < text.index("## beta: second") < text.index("| b |")
 
 
 def test_spearman_signs() -> None:

@@ -141,8 +141,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         intro = (
             f"Every table below is written by `declora reproduce EXPERIMENT "
             f"--scale {args.scale} --out {args.out}` from the runs' own summary.json / metrics.jsonl, and this page "
-            f"by `declora reproduce {' '.join(args.experiments)} --scale {args.scale} --out {args.out} --page "
-            f"{args.page}`. Accuracies are in percent."
+            f"by `declora reproduce EXPERIMENT ... --scale {args.scale} --out {args.out} --page {args.page}` (each "
+            f"call rewrites only its experiments' sections). Accuracies are in percent."
         )
         exps = [find_experiment(n, recipes) for n in names]
         page = collect(exps, args.scale, out, Path(args.page), intro, title=f"# Results ({args.scale} scale)")

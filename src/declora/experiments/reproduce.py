@@ -279,14 +279,16 @@ def collect(experiments: list[Experiment], scale: str, out: Path, page: Path, in
 
     Links inside a report (``compare.png``) are rewritten to the copied plot, ``<page stem>/<name>.png``.
     Hand-written text above a ``GENERATED_MARKER`` line in an existing page (a summary, the
-    explanations of claims our numbers do not confirm) is kept; everything below it is regenerated,
-    except the section of an experiment with no finished run under ``out``: the page keeps the section
-    it already had, so results measured in another place or session are not wiped by an empty folder.
+    explanations of claims our numbers do not confirm) is kept; below it, the sections of ``experiments``
+    are regenerated in place and every other section stays as it was (``--page`` with one experiment
+    updates that one section), as does the section of an experiment with no finished run under ``out``,
+    so results measured in another place or session are not wiped by an empty folder.
     """
     figures = page.parent / page.stem
     figures.mkdir(parents=True, exist_ok=True)
     kept = f"{title}\n\n" if title else ""  # a new page: its title above the marker
     old_sections: dict[str, str] = {}
+    old_intro = ""
     if page.is_file():
         old = page.read_text()
         if GENERATED_MARKER in old:
@@ -294,11 +296,15 @@ def collect(experiments: list[Experiment], scale: str, out: Path, page: Path, in
         else:  # a page written before the marker existed: all of it was generated
             generated = old
         old_sections = _sections(generated)
+        old_intro = ("\n" + generated).split("\n## ", 1)[0].strip()
+    fresh = {exp.name: exp for exp in experiments}
+    order = list(old_sections) + [name for name in fresh if name not in old_sections]
     parts = [kept + GENERATED_MARKER, ""]
-    parts += [intro.strip(), ""] if intro else []
-    for exp in experiments:
-        if exp.name in old_sections and not any((out / exp.name).glob(f"*/{DONE}")):
-            parts += [old_sections[exp.name], ""]
+    parts += [(intro or old_intro).strip(), ""] if intro or old_intro else []
+    for name in order:
+        exp = fresh.get(name)
+        if exp is None or (name in old_sections and not any((out / name).glob(f"*/{DONE}"))):
+            parts += [old_sections[name], ""]
             continue
         text = write_report(exp, scale, out).read_text()
         plot = out / exp.name / COMPARE_PLOT
