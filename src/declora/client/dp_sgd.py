@@ -8,8 +8,10 @@
    batches of ``batch_size``, the last incomplete batch of an epoch dropped so that no example appears
    twice in a batch);
 2. computes each example's own gradient of its own loss with respect to the trained tensors (LoRA A
-   and B, the task head; under dec_ffa_lora B and the head only) through ``torch.func``: ``vmap`` over
-   ``grad`` of the same ``functional_call`` that swaps the peer's tensors into the one shared base;
+   and B, the task head; under dec_ffa_lora B and the head only) in one batched pass with hooks on the
+   trained ``nn.Linear`` layers where that applies, else ``torch.func``'s ``vmap`` over ``grad`` of the
+   same ``functional_call`` that swaps the peer's tensors into the one shared base
+   (declora.client.per_example);
 3. clips it to L2 norm ``C = privacy.max_grad_norm`` over all trained tensors jointly (factor
    ``min(1, C / (||g_x|| + 1e-6))``, Opacus' formula; or head and adapters apart with
    ``privacy.clipping=per_group``, the same sensitivity C: declora.client.dp_clipping), sums, adds

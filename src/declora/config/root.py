@@ -156,7 +156,7 @@ def _check_task_type(cfg: Config) -> None:
 
 
 def _check_privacy(cfg: Config) -> None:
-    """DP-SGD against the options it cannot run with (per-example gradients go through torch.func.vmap)."""
+    """DP-SGD against the options it cannot run with (prompt methods and quantized bases need the vmap path)."""
     if cfg.privacy.mechanism == "none":
         return
     if cfg.peft.method not in ("lora", "ia3", "head_only"):
