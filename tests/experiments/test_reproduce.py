@@ -11,10 +11,9 @@ import pytest
 
 from declora.cli.app import main
 from declora.config import ConfigError
+from declora.experiments.page import GENERATED_MARKER, collect
 from declora.experiments.report import check_lines, spearman, title
 from declora.experiments.reproduce import (
-    GENERATED_MARKER,
-    collect,
     find_experiment,
     list_experiments,
     load_experiment,

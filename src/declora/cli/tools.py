@@ -136,7 +136,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
         check_writable(args.page if args.page else out, "--page" if args.page else "--out", folder=not args.page)
     if args.page:  # one results page from what has finished so far (no training)
-        from declora.experiments.reproduce import collect
+        from declora.experiments.page import collect
 
         intro = (
             f"Every table below is written by `declora reproduce EXPERIMENT "
