@@ -103,7 +103,8 @@ def test_trimmed_mean_values() -> None:
     }
     mixed, diag = robust_mix("trimmed_mean", W, 0, inbox, trim=1)
     assert mixed["x"].tolist() == [2.0, 0.0]
-    assert diag.cut == {1: 0.5, 2: 0.5}
+    assert diag.dropped == {1: 0.5, 2: 0.5}
+    assert diag.cut == {1: 0.0, 2: 0.0}  # each dropped on 1 of 2 coordinates: less than chance (2 of 3 values)
     med, _ = robust_mix("median", W, 0, inbox)
     assert med["x"].tolist() == [2.0, 0.0]
     even = inbox | {3: {"x": torch.tensor([3.0, 1.0])}}
@@ -111,6 +112,22 @@ def test_trimmed_mean_values() -> None:
     assert med4["x"].tolist() == [2.5, 0.5]  # the mean of the two middle values (the reference's DeCM)
     none_trimmed, _ = robust_mix("trimmed_mean", W, 0, inbox, trim=0)
     torch.testing.assert_close(none_trimmed["x"], torch.tensor([103 / 3, 4 / 3]))
+
+
+@pytest.mark.parametrize("rule", ["trimmed_mean", "median"])
+def test_honest_neighbours_are_not_cut_more_than_chance(rule: str) -> None:
+    """A median over 9 honest values drops 8 of them per coordinate: that is chance, not a cut."""
+    g = torch.Generator().manual_seed(1)
+    W, s = dense_W(9), {j: {"A": torch.randn(40, 50, generator=g)} for j in range(9)}  # 2,000 coordinates
+    _, diag = robust_mix(rule, W, 0, s, trim=2)
+    assert set(diag.cut) == set(range(1, 9))
+    assert max(diag.cut.values()) < 0.3, diag.cut  # same-distribution values: near 0
+    if rule == "median":
+        assert min(diag.dropped.values()) > 0.8  # the raw fraction dropped, which used to be the cut
+    bad = dict(s)
+    bad[8] = {n: -t * 50 for n, t in s[8].items()}  # one sign-flipped, scaled liar
+    _, attacked = robust_mix(rule, W, 0, bad, trim=2)
+    assert attacked.cut[8] > 0.8 and max(attacked.cut[j] for j in range(1, 8)) < 0.3
 
 
 def test_exclude_moves_weight_to_the_diagonal() -> None:

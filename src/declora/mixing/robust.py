@@ -42,15 +42,21 @@ class Diagnostics:
     """What a rule did to each neighbour's message in one mixing step of client i.
 
     Attributes:
-        cut: per neighbour j, the fraction of its message the rule removed: ``1 - tau / ||x_j - x_i||`` when
-            clipped (0 when not), or the fraction of coordinates where its value was trimmed away.
+        cut: per neighbour j, how much the rule cut its message, 0 (not at all) to 1: ``1 - tau / ||x_j - x_i||``
+            when clipped (0 when not); for trimmed_mean/median, how much more often than chance its value was
+            trimmed away, ``max(0, (f_j - e) / (1 - e))`` with ``f_j`` the fraction of its coordinates dropped
+            and ``e = 2b / n`` the fraction an honest value of n is dropped by chance when b are trimmed at each
+            end. (A median over 9 values drops 8 of them on every coordinate, so ``f_j`` alone would name every
+            honest neighbour; an outlier dropped everywhere has ``cut`` 1.)
         distance: per neighbour j, ``||x_j - x_i||`` over the whole state.
         radius: the clipping radius tau_i used (clipped_gossip), else None.
+        dropped: trimmed_mean/median only: per neighbour j, ``f_j``, the fraction of its coordinates dropped.
     """
 
     cut: dict[int, float] = field(default_factory=dict)
     distance: dict[int, float] = field(default_factory=dict)
     radius: float | None = None
+    dropped: dict[int, float] = field(default_factory=dict)
 
 
 def distances(own: State, others: Mapping[int, State]) -> dict[int, float]:
@@ -107,8 +113,10 @@ def trimmed_mean(W: np.ndarray, i: int, inbox: Mapping[int, State], trim: int) -
         for k, j in enumerate(order):
             dropped[j] = dropped.get(j, 0.0) + float((~keep[k]).sum())
         total += x.numel()
-    cut = {j: dropped[j] / max(total, 1) for j in order if j != i}
-    return mixed, Diagnostics(cut, distances(inbox[i], {j: inbox[j] for j in cut}))
+    frac = {j: dropped[j] / max(total, 1) for j in order if j != i}
+    chance = 2 * b / len(order)  # < 1, since 2b <= n - 1
+    cut = {j: max(0.0, (f - chance) / (1 - chance)) for j, f in frac.items()}
+    return mixed, Diagnostics(cut, distances(inbox[i], {j: inbox[j] for j in cut}), dropped=frac)
 
 
 def median(W: np.ndarray, i: int, inbox: Mapping[int, State]) -> tuple[State, Diagnostics]:
