@@ -20,6 +20,7 @@ the other runtimes those of t's neighbours that are also the attacker's neighbou
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +66,15 @@ class Adversary:
         for a, inbox in received.items():
             if a in self.peers and self.sends_lies:
                 self.last[a] = {j: {n: t.detach().clone() for n, t in s.items()} for j, s in inbox.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The attack memory (:attr:`last`), saved in checkpoints: a resumed attacker knows what it received."""
+        return {"last": {a: {j: dict(s) for j, s in inbox.items()} for a, inbox in sorted(self.last.items())}}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict`'s output; None or ``{}`` (an older checkpoint) = nothing received yet."""
+        last = (state or {}).get("last", {})
+        self.last = {int(a): {int(j): dict(s) for j, s in inbox.items()} for a, inbox in last.items()}
 
     def message(self, a: int, view: Mapping[int, State], W: np.ndarray, round_: int) -> State:
         """Attacker ``a``'s message from its ``view`` (client id -> state it knows, its own included)."""

@@ -77,3 +77,31 @@ class ByzantineGossip:
         if self.rule != "none":
             self.suspects.record(i, diag, int(getattr(comm, "round", 0)), lambda j: peer_name(comm, j))
         return mixed
+
+    def state_dict(self) -> dict[str, Any]:
+        """What these hooks remember between rounds: the suspect counts and flags, and the attack memory."""
+        out: dict[str, Any] = {"suspects": self.suspects.state_dict()}
+        if self.adversary is not None:
+            out["adversary"] = self.adversary.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict`'s output; a missing part (an older checkpoint) starts empty."""
+        state = state or {}
+        self.suspects.load_state_dict(state.get("suspects"))
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state.get("adversary"))
+
+
+def checkpoint_state(algorithm: Any) -> dict[str, Any] | None:
+    """The algorithm's Byzantine hooks' state for a checkpoint (None: the run has no hooks)."""
+    hooks: ByzantineGossip | None = getattr(algorithm, "byzantine", None)
+    return None if hooks is None else hooks.state_dict()
+
+
+def restore_state(algorithm: Any, saved: dict[str, Any] | None) -> None:
+    """Load :func:`checkpoint_state`'s output into the algorithm's hooks; None (a checkpoint written before
+    this state was saved, or by a run without hooks) leaves them empty, as a fresh start."""
+    hooks: ByzantineGossip | None = getattr(algorithm, "byzantine", None)
+    if hooks is not None:
+        hooks.load_state_dict(saved)

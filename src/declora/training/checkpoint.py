@@ -2,7 +2,8 @@
 
 ```
 <run>/checkpoints/round_<t>/rank_<r>.pt      process r's clients (adapter tensors, optimizer state, data
-                                              position), its algorithm state, the metrics history so far
+                                              position), its algorithm state (and Byzantine suspects and
+                                              attack memory), the metrics history so far
 <run>/checkpoints/round_<t>/COMPLETE.json    written by rank 0 once every process has saved round t
 ```
 
@@ -30,6 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from declora.algorithms import Algorithm
+from declora.byzantine.defense import checkpoint_state, restore_state
 from declora.client.client import Client
 from declora.comm import Communicator
 from declora.config import Config, ConfigError
@@ -113,6 +115,9 @@ def save(
         "wall_s": progress.wall_s,
         "lr": {i: c.train_cfg.lr for i, c in clients.items()},  # resume may change train.lr (see restore)
     }
+    byzantine = checkpoint_state(algorithm)  # comm.robust / byzantine.*: suspect counts, flags, attack memory
+    if byzantine is not None:
+        payload["byzantine"] = byzantine
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     own = rank_file(run, progress.round, comm.rank)
@@ -189,6 +194,7 @@ def restore(
         c.restore(payload["clients"][i])
         _apply_lr(c, payload.get("lr", {}).get(i))
     algorithm.load_state_dict(payload["algorithm"])
+    restore_state(algorithm, payload.get("byzantine"))  # absent from older checkpoints: start empty
     return Progress(found, payload["history"], payload["total_bytes"], payload["train_s"], payload["wall_s"])
 
 
