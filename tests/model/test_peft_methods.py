@@ -124,3 +124,12 @@ def test_bad_peft_options_stop_before_training(tiny_overrides: list[str]) -> Non
     cfg = load_config(overrides=[*tiny_overrides, "peft.method=ia3", "peft.target_modules=[nothing]"])
     with pytest.raises(ConfigError, match="peft.target_modules"):
         build_model(cfg.model, cfg.peft, 2, 0)
+
+
+def test_building_the_model_leaves_the_users_peft_lists_as_written(tiny_overrides: list[str]) -> None:
+    """peft extends modules_to_save in place for SEQ_CLS; the config (and config.yaml) must keep the user's lists."""
+    cfg = load_config(overrides=[*tiny_overrides, "peft.modules_to_save=[classifier]", "peft.target_modules=[query]"])
+    model = build_model(cfg.model, cfg.peft, 2, cfg.train.seed)
+    assert cfg.peft.modules_to_save == ["classifier"]
+    assert cfg.peft.target_modules == ["query"]
+    assert any(".lora_A." in name for name in trainable_state(model))

@@ -44,14 +44,16 @@ def make_peft_config(
     """
     import peft
 
-    common: dict[str, Any] = {"task_type": peft.TaskType[task_type], "modules_to_save": modules_to_save}
+    # peft extends these lists in place (SEQ_CLS adds "classifier", "score"): hand it copies, so the user's
+    # config (and the config.yaml recorded from it) keeps what was written.
+    common: dict[str, Any] = {"task_type": peft.TaskType[task_type], "modules_to_save": list(modules_to_save)}
     prompt = {"num_virtual_tokens": cfg.num_virtual_tokens}
     if cfg.method == "lora":
         return peft.LoraConfig(
             r=cfg.r,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.target_modules,
+            target_modules=list(cfg.target_modules) if cfg.target_modules is not None else None,
             **common,
         )
     if cfg.method == "prompt_tuning":
