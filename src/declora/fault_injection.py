@@ -13,6 +13,12 @@ runtime=distributed; see :func:`poisoned`.
 ``DECLORA_ROUND_DELAY=<seconds>`` makes every round start with that long a sleep (a slower model
 without the CPU cost), so the swarm tests can let a peer join or restart while the others are still
 training.
+
+``DECLORA_FAULT_CLOCK_SKEW_S=<client>:<seconds>[,...]`` (e.g. ``1:300,2:-300``) makes the process that
+owns that client read a wall clock that far off: ``time.time`` and hivemind's ``get_dht_time`` in that
+process only (:func:`skew_clock`), as a machine whose clock is wrong would (network namespaces share one
+kernel clock, so a skew cannot be emulated otherwise). Monotonic clocks and the p2p daemon (a separate Go
+process) keep the true time. Test-only, like everything here.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 ENV = "DECLORA_FAULT"
 POISON_ENV = "DECLORA_POISON"
 DELAY_ENV = "DECLORA_ROUND_DELAY"
+SKEW_ENV = "DECLORA_FAULT_CLOCK_SKEW_S"
 EXIT_CODE = 17
 
 
@@ -76,3 +83,35 @@ def poisoned(message: dict[str, torch.Tensor], client: int, round_: int) -> dict
             bad = torch.full_like(message[name], float("nan")) if kind == "nan" else message[name].reshape(-1)[:-1]
             return message | {name: bad}
     return message
+
+
+def skew_clock(client: int) -> float:
+    """Shift this process's wall clock if ``DECLORA_FAULT_CLOCK_SKEW_S`` names ``client``; returns the skew.
+
+    Replaces ``time.time`` and every loaded hivemind module's ``get_dht_time`` that is the true clock
+    (hivemind binds ``get_dht_time = time.time`` at import, and imports it by name into several modules).
+    """
+    skew = 0.0
+    for spec in filter(None, os.environ.get(SKEW_ENV, "").split(",")):
+        who, _, seconds = spec.partition(":")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = float("nan")
+        if not who.strip().isdigit() or value != value or abs(value) == float("inf"):
+            raise ValueError(f"{SKEW_ENV}={spec!r}: use <client>:<seconds>[,...], e.g. 1:300,2:-300")
+        if int(who) == client:
+            skew = value
+    if skew == 0.0:
+        return 0.0
+    true_time = time.time
+
+    def skewed() -> float:
+        return true_time() + skew
+
+    time.time = skewed
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "hivemind" and getattr(module, "get_dht_time", None) is true_time:
+            module.get_dht_time = skewed
+    print(f"declora: {SKEW_ENV}: client {client}'s clock is off by {skew:+g} s (test only)", file=sys.stderr)
+    return skew

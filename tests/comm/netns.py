@@ -5,6 +5,12 @@ that exists only inside them. Hosts ``0 .. n/2-1`` plug into bridge ``br0``, the
 bridges live in a switch namespace and are joined by one veth link, so :meth:`Hosts.partition` cuts the
 network in two halves and :meth:`Hosts.heal` joins them again. Nothing is added to the root namespace.
 
+NAT: a host in ``Hosts(n, nat={i})`` sits behind a home router, namespace ``<pfx>_r<i>``, which holds
+``ip(i)`` on the bridge and masquerades (``iptables -t nat ... MASQUERADE``) the host's private network
+``192.168.<100+i>.0/24``; the host itself has ``addr(i)`` = ``192.168.<100+i>.2`` and a default route via
+the router. It can dial out; nobody can dial in (no route to its address, nothing forwarded to it);
+:meth:`Hosts.egress_only` also limits where it may dial out to (a firewall on the router).
+
 Impairments: :meth:`Hosts.rate` puts a token bucket (``tc qdisc tbf``) on a host's egress; this kernel has
 no ``netem``, so delay and loss go through a user-space TCP relay (``python netns.py relay``) in front of a
 peer that listens on its own loopback and announces the relay's address (``swarm.announce_maddrs``):
@@ -13,8 +19,8 @@ extra retransmission timeout (200 ms) instead, as TCP would deliver it; order is
 
 Every process started with :meth:`Hosts.popen` runs in its own session; :meth:`Hosts.down` (also run by
 the context manager on failure) kills those sessions, then any process left in the namespaces, and
-deletes every namespace. ``python netns.py stranger ...`` is a peer that is on no allowlist and forges
-records and requests (see :func:`stranger`).
+deletes every namespace. ``python netns_stranger.py ...`` is a peer that is on no allowlist and forges
+records and requests.
 """
 
 from __future__ import annotations
@@ -45,6 +51,22 @@ def unavailable() -> str | None:
     return None if ok else "`ip netns add` is not permitted here"
 
 
+def nat_unavailable() -> str | None:
+    """Why a NAT router cannot be emulated here (None: ``iptables -t nat`` MASQUERADE works in a namespace)."""
+    if shutil.which("iptables") is None:
+        return "iptables is not installed (Debian: apt-get install iptables)"
+    probe = f"dlnat{secrets.token_hex(3)}"
+    try:
+        _ip("netns", "add", probe)
+        rule = ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "MASQUERADE"]
+        done = subprocess.run(["ip", "netns", "exec", probe, *rule], capture_output=True, text=True)
+        return None if done.returncode == 0 else f"`iptables -t nat` fails: {done.stderr.strip()[:200]}"
+    except subprocess.CalledProcessError as err:
+        return f"`ip netns add` fails: {err.stderr!r}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+
+
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
@@ -52,8 +74,8 @@ def _ip(*args: str) -> None:
 class Hosts:
     """``n`` emulated hosts on two joined bridges (see the module docstring)."""
 
-    def __init__(self, n: int, halves: int | None = None) -> None:
-        self.n = n
+    def __init__(self, n: int, halves: int | None = None, nat: set[int] | frozenset[int] = frozenset()) -> None:
+        self.n, self.nat = n, frozenset(nat)
         self.pfx = f"dl{secrets.token_hex(2)}"  # unique: tests running side by side never share a namespace
         self.net = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
         self.half = n // 2 if halves is None else halves
@@ -64,7 +86,35 @@ class Hosts:
         return f"{self.pfx}_h{i}"
 
     def ip(self, i: int) -> str:
+        """Host ``i``'s address on the bridge (its router's, for a host behind NAT)."""
         return f"{self.net}.{11 + i}"
+
+    def addr(self, i: int) -> str:
+        """The address host ``i`` itself has: ``ip(i)``, or its private one behind NAT."""
+        return f"192.168.{100 + i}.2" if i in self.nat else self.ip(i)
+
+    def _namespaces(self) -> list[str]:
+        return [self.ns(i) for i in range(self.n)] + [f"{self.pfx}_r{i}" for i in sorted(self.nat)] + [self.sw]
+
+    def _plug(self, i: int) -> str:
+        """Make host ``i``'s namespace and its way onto the bridge; returns the namespace holding ``ip(i)``."""
+        _ip("netns", "add", self.ns(i))
+        _ip("-n", self.ns(i), "link", "set", "lo", "up")
+        if i not in self.nat:
+            return self.ns(i)
+        router, lan = f"{self.pfx}_r{i}", f"192.168.{100 + i}"
+        _ip("netns", "add", router)
+        _ip("-n", router, "link", "set", "lo", "up")
+        _ip("link", "add", "eth0", "netns", self.ns(i), "type", "veth", "peer", "name", "lan", "netns", router)
+        _ip("-n", router, "addr", "add", f"{lan}.1/24", "dev", "lan")
+        _ip("-n", router, "link", "set", "lan", "up")
+        _ip("-n", self.ns(i), "addr", "add", f"{lan}.2/24", "dev", "eth0")
+        _ip("-n", self.ns(i), "link", "set", "eth0", "up")
+        _ip("-n", self.ns(i), "route", "add", "default", "via", f"{lan}.1")
+        nat = ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"]
+        for argv in (["sysctl", "-qw", "net.ipv4.ip_forward=1"], nat):
+            subprocess.run(["ip", "netns", "exec", router, *argv], check=True, capture_output=True)
+        return router
 
     def up(self) -> Hosts:
         _ip("netns", "add", self.sw)
@@ -77,13 +127,12 @@ class Hosts:
             _ip("-n", self.sw, "link", "set", f"lk{k}", "master", f"br{k}")
             _ip("-n", self.sw, "link", "set", f"lk{k}", "up")
         for i in range(self.n):
-            _ip("netns", "add", self.ns(i))
-            _ip("link", "add", "eth0", "netns", self.ns(i), "type", "veth", "peer", "name", f"sw{i}", "netns", self.sw)
+            wan = self._plug(i)
+            _ip("link", "add", "eth0", "netns", wan, "type", "veth", "peer", "name", f"sw{i}", "netns", self.sw)
             _ip("-n", self.sw, "link", "set", f"sw{i}", "master", "br0" if i < self.half else "br1")
             _ip("-n", self.sw, "link", "set", f"sw{i}", "up")
-            _ip("-n", self.ns(i), "link", "set", "lo", "up")
-            _ip("-n", self.ns(i), "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
-            _ip("-n", self.ns(i), "link", "set", "eth0", "up")
+            _ip("-n", wan, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
+            _ip("-n", wan, "link", "set", "eth0", "up")
         return self
 
     def __enter__(self) -> Hosts:
@@ -111,8 +160,8 @@ class Hosts:
         return proc
 
     def relay(self, i: int, listen_port: int, target_port: int, delay_ms: float, loss: float, log: Path):
-        """A delaying, "losing" TCP relay on host ``i``: ``<ip(i)>:listen_port`` -> ``127.0.0.1:target_port``."""
-        argv = [sys.executable, str(HERE), "relay", f"{self.ip(i)}:{listen_port}", f"127.0.0.1:{target_port}"]
+        """A delaying, "losing" TCP relay on host ``i``: ``<addr(i)>:listen_port`` -> ``127.0.0.1:target_port``."""
+        argv = [sys.executable, str(HERE), "relay", f"{self.addr(i)}:{listen_port}", f"127.0.0.1:{target_port}"]
         return self.popen(i, [*argv, str(delay_ms), str(loss)], log)
 
     # -- links ---------------------------------------------------------------------------------------------
@@ -122,6 +171,13 @@ class Hosts:
 
     def heal(self) -> None:
         _ip("-n", self.sw, "link", "set", "lk0", "up")
+
+    def egress_only(self, i: int, j: int) -> None:
+        """Host ``i``'s NAT router lets it open connections to host ``j`` only (replies still come back)."""
+        router = f"{self.pfx}_r{i}"
+        for rule in (["-d", self.ip(j), "-j", "ACCEPT"], ["-j", "REJECT"]):
+            argv = ["ip", "netns", "exec", router, "iptables", "-A", "FORWARD", "-i", "lan", *rule]
+            subprocess.run(argv, check=True, capture_output=True)
 
     def rate(self, i: int, rate: str) -> None:
         """A token-bucket bandwidth limit on host ``i``'s egress, e.g. ``"10mbit"``."""
@@ -146,7 +202,7 @@ class Hosts:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-        names = [self.ns(i) for i in range(self.n)] + [self.sw]
+        names = self._namespaces()
         for name in names:  # anything still running in a namespace (a p2p daemon) is killed by its PID
             pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
             for pid in pids:
@@ -167,7 +223,7 @@ class Hosts:
         return [line.split()[0] for line in listed.splitlines() if line.startswith(self.pfx)]
 
 
-# -- helpers run inside a namespace: python netns.py relay|stranger ... ------------------------------------
+# -- run inside a namespace: python netns.py relay ... ------------------------------------------------------
 def relay(listen: str, target: str, delay_ms: float, loss: float) -> None:
     """Forward TCP ``listen`` -> ``target``, delaying each chunk (and "losing" some: see the module docstring)."""
     import asyncio
@@ -221,73 +277,6 @@ def relay(listen: str, target: str, delay_ms: float, loss: float) -> None:
     asyncio.run(main())
 
 
-def stranger(target: str, host: str, key: str, seconds: float, out: str) -> None:
-    """A peer on no allowlist that, for ``seconds``: stores records naming every peer it meets (round 1,000,000,
-    far-future expiry, old and owner-key subkeys, its own signature), and sends each a 100 MB request and a
-    request for round 200,000. Writes what it was told to ``out`` (JSON)."""
-    import asyncio
-    import json
-
-    from hivemind.dht.crypto import RSASignatureValidator
-    from hivemind.dht.node import DHTNode
-    from hivemind.p2p import P2P
-    from hivemind.utils import get_dht_time
-
-    from declora.comm.swarm_protocol import HANDLER
-    from declora.comm.swarm_wire import read_frame
-
-    async def flood(p2p: P2P, peer, client: int, size: int, round_: int) -> str:
-        head = {"v": 1, "sender": client, "round": round_, "kind": "exchange", "to": 0, "run": ""}
-        raw = json.dumps(head).encode()
-        try:
-            _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer, HANDLER), 10)
-            writer.write(len(raw).to_bytes(4, "big") + raw + size.to_bytes(8, "big"))
-            block = bytes(1 << 20)
-            for _ in range(size >> 20):
-                writer.write(block)
-                await asyncio.wait_for(writer.drain(), 5)
-            answer = (await asyncio.wait_for(read_frame(reader, 0), 5))[0]
-            writer.close()
-            return str(answer)[:200]
-        except Exception as err:  # noqa: BLE001 - refused and closed: what the swarm should do
-            return f"{type(err).__name__}"
-
-    async def main() -> dict:
-        for _ in range(90):  # the swarm may not be up yet
-            try:
-                p2p = await P2P.create(initial_peers=[target], host_maddrs=[f"/ip4/{host}/tcp/0"])
-                break
-            except Exception:  # noqa: BLE001
-                await asyncio.sleep(1.0)
-        signer = RSASignatureValidator()
-        dht = await DHTNode.create(p2p=p2p, initial_peers=[target], record_validator=signer)
-        me = p2p.peer_id.to_base58()
-        result: dict = {"peer": me, "stores": 0, "accepted": 0, "answers": []}
-        end, flooded = time.monotonic() + seconds, set()
-        while time.monotonic() < end:
-            for info in await p2p.list_peers():
-                pid = info.peer_id.to_base58()
-                for client in range(4):
-                    value = {"client": client, "peer": pid, "round": 10**6, "maddrs": [], "fp": "", "keys": {}}
-                    for sub, v in [(f"{client}/{pid}", value), (signer.local_public_key, value | {"peer": me})]:
-                        ok = await dht.store(key, v | {"t": time.time()}, get_dht_time() + 10**6, subkey=sub)
-                        result["stores"] += 1
-                        result["accepted"] += int(bool(ok))
-                if pid not in flooded:
-                    flooded.add(pid)
-                    result["answers"].append([pid, await flood(p2p, info.peer_id, 1, 100 << 20, 1)])
-                    result["answers"].append([pid, await flood(p2p, info.peer_id, 1, 0, 200_000)])
-            Path(out).write_text(json.dumps(result))
-            await asyncio.sleep(1.0)
-        await dht.shutdown()
-        await p2p.shutdown()
-        return result
-
-    Path(out).write_text(json.dumps(asyncio.run(main())))
-
-
 if __name__ == "__main__":
     if sys.argv[1] == "relay":
         relay(sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5]))
-    elif sys.argv[1] == "stranger":
-        stranger(sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5]), sys.argv[6])

@@ -22,7 +22,7 @@ from declora.config import load_config
 
 pytest.importorskip("hivemind")
 sys.path.insert(0, str(Path(__file__).parent))
-from netns import Hosts, unavailable  # noqa: E402
+from netns import Hosts, nat_unavailable, unavailable  # noqa: E402
 
 REASON = unavailable()
 pytestmark = [pytest.mark.distributed, pytest.mark.skipif(REASON is not None, reason=f"netns: {REASON}")]
@@ -71,7 +71,7 @@ class NetSwarm:
                 while time.monotonic() < deadline and "retrying in" not in self.log(1):
                     time.sleep(0.2)
             self.folder(i).mkdir(parents=True, exist_ok=True)
-            net = [f"swarm.host={self.hosts.ip(i)}", f"swarm.port={PORT}"]
+            net = [f"swarm.host={self.hosts.addr(i)}", f"swarm.port={PORT}"]
             if self.relayed:
                 announce = f"swarm.announce_maddrs=[/ip4/{self.hosts.ip(i)}/tcp/{PORT}]"
                 net = ["swarm.host=127.0.0.1", f"swarm.port={PORT + 1}", announce]
@@ -104,6 +104,10 @@ class NetSwarm:
         path = self.folder(i) / "peer.log"
         return path.read_text(errors="replace") if path.is_file() else ""
 
+    def rows(self, i: int) -> list[dict]:
+        live = self.folder(i) / "swarm" / "live.jsonl"
+        return [json.loads(r) for r in (live.read_text().splitlines() if live.is_file() else []) if r.strip()]
+
     def rounds_done(self, i: int) -> int:
         live = self.folder(i) / "swarm" / "live.jsonl"
         rows = live.read_text().splitlines() if live.is_file() else []
@@ -135,7 +139,7 @@ def test_four_hosts_equal_the_simulation_while_a_stranger_attacks(tiny_overrides
         s = NetSwarm(hosts, tmp_path / "swarm", 4)
         s.start([*overrides, "swarm.round_timeout_s=60", "swarm.name=nsa"], late=True)
         stranger_out = tmp_path / "stranger.json"
-        argv = [sys.executable, str(Path(__file__).parent / "netns.py"), "stranger", s.first, hosts.ip(4)]
+        argv = [sys.executable, str(Path(__file__).parent / "netns_stranger.py"), s.first, hosts.ip(4)]
         hosts.popen(4, [*argv, "nsa.peers", "60", str(stranger_out)], tmp_path / "stranger.log", ENV)
         codes = s.wait(150)
         assert codes == {i: 0 for i in range(4)}, [s.log(i)[-2500:] for i in range(4)]
@@ -172,6 +176,41 @@ def test_delay_loss_and_bandwidth_give_the_same_numbers(tiny_overrides: list[str
     assert not hosts.leftovers()
     summary = assemble(s.base, codes)
     assert summary["edges_per_round"]["2"] == [[0, 1], [0, 3], [1, 2], [2, 3]]
+    assert abs(summary["final_accuracy"] - sim["final_accuracy"]) <= 1e-5
+    assert _max_diff(tmp_path / "sim/adapters/average", s.base / "adapters/average") <= 1e-5
+
+
+def test_a_peer_behind_nat_takes_part_through_a_relay(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """Ring 0-1-2-3-0, 3 rounds; host 3 sits behind a NAT router (iptables MASQUERADE) whose firewall lets
+    it out to host 0 only. Peer 0 runs the relay service; peer 3 (``use_auto_relay``) reserves a slot on
+    it, its bootstrap peer, and announces its ``/p2p-circuit`` address. Peer 2 initiates edge (2, 3) and
+    can reach 3 only through the relay: both of 3's edges are exchanged in every round, and the numbers
+    are the simulation's (1e-5)."""
+    if (why := nat_unavailable()) is not None:
+        pytest.skip(f"NAT: {why}")
+    from declora.launch.swarm import assemble
+    from declora.training.trainer import run
+
+    overrides = _base(tiny_overrides, ("train.rounds=",)) + ["train.rounds=3", "eval.clients=false"]
+    sim = run(load_config(overrides=[*overrides, "train.clients=4", f"out_dir={tmp_path / 'sim'}"]))
+    with Hosts(4, halves=4, nat={3}) as hosts:
+        hosts.egress_only(3, 0)
+        s = NetSwarm(hosts, tmp_path / "swarm", 4)
+        nat = ["swarm.use_auto_relay=true"]
+        s.start(
+            [*overrides, "swarm.round_timeout_s=60", "swarm.record_ttl_s=6", "swarm.name=nsr"],
+            per_peer={0: ["swarm.relay_service=true"], 3: nat},
+        )
+        codes = s.wait(110)
+        assert codes == {i: 0 for i in range(4)}, [s.log(i)[-2500:] for i in range(4)]
+    assert not hosts.leftovers()
+    circuit = f"{s.first}/p2p-circuit/p2p/{s.ids[3]}"
+    assert f"reachable through relay(s) {circuit}" in s.log(3), s.log(3)[-2000:]
+    assert "connected to neighbour client 3 through a relay" in s.log(2), s.log(2)[-2000:]
+    for i, others in [(3, [0, 2]), (2, [1, 3]), (0, [1, 3])]:  # 3 mixed with each neighbour in every round
+        assert [r["exchanged"] for r in s.rows(i)] == [others] * 3, s.rows(i)
+    summary = assemble(s.base, codes)
+    assert all(summary["edges_per_round"][str(t)] == [[0, 1], [0, 3], [1, 2], [2, 3]] for t in (1, 2, 3))
     assert abs(summary["final_accuracy"] - sim["final_accuracy"]) <= 1e-5
     assert _max_diff(tmp_path / "sim/adapters/average", s.base / "adapters/average") <= 1e-5
 

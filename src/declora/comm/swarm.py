@@ -16,6 +16,11 @@ The trainer's round loop is the same as for the other runtimes; this communicato
   summary from what the peers publish in ``<run>/swarm/`` (``live.jsonl``: per round, whom this peer
   exchanged with; ``state.pt``: its final adapter; ``address.txt``: its peer ID and multiaddrs).
 
+Start-up: round 1 starts once every graph neighbour has loaded, or ``swarm.neighbour_wait_s`` after the
+first one was found (:meth:`SwarmCommunicator.barrier`). A joining peer first measures its clock against
+its bootstrap peer and uses the swarm's time for the DHT (:mod:`declora.comm.swarm_clock`), so a clock
+that is minutes off costs nothing.
+
 Churn: a neighbour that misses a round is logged once by client id and peer ID (and again when it is
 back). A peer that restarts resumes from its own last checkpoint and jumps to its graph neighbours'
 current round (:meth:`SwarmCommunicator.join`); a newcomer without a checkpoint starts from the mean of
@@ -39,7 +44,7 @@ from declora.comm.base import Communicator, Message, State, message_bytes, neigh
 from declora.comm.swarm_fingerprint import Fingerprint
 from declora.comm.swarm_net import Allowlist, SwarmNode, say_to_stderr
 from declora.config import Config, ConfigError
-from declora.fault_injection import poisoned
+from declora.fault_injection import poisoned, skew_clock
 from declora.mixing.kernel import average_states
 from declora.mixing.live import local_row
 from declora.rundir import layout
@@ -53,6 +58,7 @@ class SwarmCommunicator(Communicator):
         from declora.mixing.topology import Topology
 
         sc = cfg.swarm
+        skew_clock(sc.client_id)  # test-only: DECLORA_FAULT_CLOCK_SKEW_S emulates a machine whose clock is off
         if cfg.out_dir is None:
             raise ConfigError("runtime=swarm needs out_dir (each peer writes its own run directory): set out_dir=DIR")
         self.num_clients, self.client = workers, sc.client_id
@@ -83,6 +89,7 @@ class SwarmCommunicator(Communicator):
                 flush=True,
             )
         self.startup_timeout_s = sc.startup_timeout_s
+        self.neighbour_wait_s = min(sc.neighbour_wait_s, sc.startup_timeout_s)
         self.absent: set[int] = set()
         self.clients: dict[int, Any] = {}
         self.latest: State | None = None
@@ -90,29 +97,45 @@ class SwarmCommunicator(Communicator):
 
     # -- start-up and joining ---------------------------------------------------------------------------
     def barrier(self) -> None:
-        """The first call waits (up to ``swarm.startup_timeout_s``) until every graph neighbour has loaded
-        its model and data; later calls (checkpoints) wait for nobody: there is no global step.
+        """The first call waits until this peer may start round 1; later calls (checkpoints) wait for nobody.
 
-        A neighbour that joins later (or never) is waited for just as long: lower ``swarm.startup_timeout_s``
-        when peers are expected to join a running swarm.
+        Round 1 starts when every graph neighbour has loaded its model and data, or
+        ``swarm.neighbour_wait_s`` after the first neighbour was found, if the missing ones have not even
+        announced themselves (they join later as newcomers, :meth:`join`; until then each is an absent
+        neighbour, a failed edge of W_t). A neighbour that has announced itself but is still loading is
+        waited for (starting without it would only make round 1 wait ``round_timeout_s`` for it), and so
+        is everyone while no neighbour at all was found: up to ``swarm.startup_timeout_s``.
         """
         self._barriers += 1
         if self._barriers > 1:
             return
         self.node.set_finished(0)  # loaded: "at round 0"
         start = beat = time.monotonic()
+        found_at: float | None = None  # when the first neighbour was found
         next_clock = start + 3.0  # a neighbour not seen after 3 s: is it a clock the DHT cannot tolerate?
         while True:
             records = self.node.records()
             missing = [j for j in self.graph if j not in records or records[j].round < 0]
             waiting = [j for j in missing if j not in self.node.mismatched]  # another experiment: not waited for
-            waited = time.monotonic() - start
+            now = time.monotonic()
+            if found_at is None and len(missing) < len(self.graph):
+                found_at = now
+            waited = now - start
             if not waiting or waited > self.startup_timeout_s:
                 break
-            if time.monotonic() > next_clock:
+            loading = [j for j in waiting if j in records]  # announced, still loading its model
+            if found_at is not None and not loading and now - found_at >= self.neighbour_wait_s:
+                present = sorted(set(self.graph) - set(missing))
+                self.say(
+                    f"starts round 1 with neighbours {present}: neighbours {waiting} not in the swarm "
+                    f"{self.neighbour_wait_s:g} s after the first was found (swarm.neighbour_wait_s); they join "
+                    "as newcomers when they come"
+                )
+                return
+            if now > next_clock:
                 next_clock = float("inf") if self.node.check_clocks() else time.monotonic() + 10.0
-            if time.monotonic() - beat >= 30:
-                beat = time.monotonic()
+            if now - beat >= 30:
+                beat = now
                 self.say(f"waiting for neighbours {waiting} ({waited:.0f} s of swarm.startup_timeout_s)")
             time.sleep(0.3)
         if waiting:

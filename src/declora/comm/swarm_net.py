@@ -16,7 +16,8 @@ peer runs another experiment, and both sides name the config keys that differ, o
 
 **Start-up.** The daemon is retried with backoff (1, 2, 4 ... 30 s, up to ``startup_timeout_s``) while the
 bootstrap peers cannot be reached, with one line per try. The relay *service* (relaying strangers'
-traffic) is off unless ``swarm.relay_service=true``; using relays (``use_relay``) is not.
+traffic) is off unless ``swarm.relay_service=true``; using relays (``use_relay``) is not. Behind NAT
+(``use_auto_relay``) the bootstrap peers are the relays: see :mod:`declora.comm.swarm_maddr`.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from declora.comm.swarm_clock import now, sync_clock
 from declora.comm.swarm_fingerprint import Fingerprint, describe
+from declora.comm.swarm_maddr import announced, nat_options, relayed_neighbours
+from declora.comm.swarm_maddr import p2p_class as _p2p_class
 from declora.comm.swarm_protocol import HANDLER, ExchangeProtocol
 from declora.comm.swarm_records import (
     CLOCK_TOLERANCE_S,
-    MAX_MADDRS,
     Allowlist,
     Record,
     make_validator,
@@ -48,18 +51,6 @@ from declora.errors import PeerError
 
 __all__ = ["Allowlist", "Record", "SwarmNode", "peer_id_of", "say_to_stderr"]
 MAX_LOGGED = 200  # distinct rejection lines logged per peer process (a flood of forgeries is not a log flood)
-
-
-def _p2p_class(relay_service: bool) -> Any:
-    """hivemind's P2P with the daemon's relay service switched as asked (hivemind leaves it on)."""
-    from hivemind.p2p import P2P
-
-    class SwarmP2P(P2P):
-        @staticmethod
-        def _make_process_args(*args: Any, **kwargs: Any) -> list[str]:
-            return P2P._make_process_args(*args, **kwargs, relayService=relay_service)
-
-    return SwarmP2P
 
 
 class SwarmNode(ExchangeProtocol):
@@ -105,7 +96,7 @@ class SwarmNode(ExchangeProtocol):
         self._logged: set[str] = set()
         self.known: dict[int, str] = {}  # client id -> the last peer ID seen for it
         self.mismatched: dict[int, list[str]] = {}  # client id -> config keys that differ from this peer's
-        self.clock = time.time  # this machine's wall clock (replaced in tests to emulate a skewed one)
+        self.clock = now  # the swarm's time (swarm_clock: corrected at start; replaced in tests to skew it)
         self._active = 0  # requests being handled right now
         self._last_request = 0.0
         self._cache: tuple[float, dict[int, Record]] = (0.0, {})
@@ -148,6 +139,7 @@ class SwarmNode(ExchangeProtocol):
             self.p2p = None
             try:
                 self.p2p = await self._create_p2p()
+                await sync_clock(self, initial)  # before the DHT: its expiries must be in the swarm's time
                 self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=initial, record_validator=validator)
                 break
             except Exception as err:  # noqa: BLE001 - bootstrap peers not up yet, a port taken: retried, then one line
@@ -164,7 +156,7 @@ class SwarmNode(ExchangeProtocol):
                 delay = min(2 * delay, 30.0)
         self.peer_id = self.p2p.peer_id.to_base58()
         await self.p2p.add_binary_stream_handler(HANDLER, self._handle_stream)
-        self.maddrs = [str(m) for m in await self.p2p.get_visible_maddrs()][:MAX_MADDRS]
+        self.maddrs = await self._visible()
         await self._announce()
         self._beat = asyncio.create_task(self._heartbeat())
         return self.maddrs
@@ -179,7 +171,15 @@ class SwarmNode(ExchangeProtocol):
             identity_path=str(self.identity_path),
             use_relay=o.use_relay,
             use_auto_relay=o.use_auto_relay,
+            **nat_options(o),
         )
+
+    async def _visible(self) -> list[str]:  # the daemon's, asked afresh (hivemind caches those of the start)
+        direct = [str(m) for m in await self.p2p.get_visible_maddrs(latest=True)]
+        maddrs, relayed = announced(direct, self.opts, self.peer_id)
+        if relayed:
+            self.once(f"behind NAT: reachable through relay(s) {', '.join(relayed)}")
+        return maddrs
 
     def shutdown(self) -> None:
         if not self.thread.is_alive():
@@ -222,15 +222,23 @@ class SwarmNode(ExchangeProtocol):
         }
         expires = get_dht_time() + self.opts.record_ttl_s
         await self.dht.store(self.key, value, expires, subkey=self.subkey)
+        await self._note_relayed()  # at a round's end its links are still open
 
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.opts.record_ttl_s / 3)
             try:  # addresses gained since the start (a relay reservation) are announced from now on
-                self.maddrs = [str(m) for m in await self.p2p.get_visible_maddrs()][:MAX_MADDRS] or self.maddrs
+                self.maddrs = await self._visible() or self.maddrs
                 await self._announce()
             except Exception as err:  # noqa: BLE001 - a missed beat is retried; the record lives record_ttl_s
                 self.say(f"could not refresh this peer's DHT record ({err})")
+
+    async def _note_relayed(self) -> None:
+        try:
+            for client in relayed_neighbours(await self.p2p.list_peers(), self.known, self.neighbours):
+                self.once(f"connected to neighbour client {client} through a relay")
+        except Exception:  # noqa: BLE001 - a diagnosis only
+            pass
 
     async def _records(self, max_age: float = 0.5) -> dict[int, Record]:
         """Every allowed peer's live record of this run, by client id (cached for ``max_age`` s)."""

@@ -38,6 +38,7 @@ import time
 from typing import Any
 
 from declora.comm.messages import Message, MessageRejected, encode, make_header, receive
+from declora.comm.swarm_maddr import dialable
 from declora.comm.swarm_records import Record
 from declora.comm.swarm_wire import REFUSED, FrameError, close, read_frame, read_header, read_payload, write_frame
 from declora.errors import PeerError
@@ -88,14 +89,15 @@ class ExchangeProtocol:
             raise ValueError("malformed request header") from None
         if self.allowlist is not None and not self.allowlist.allows(remote, sender):
             raise self._refuse(remote, f"speaks as client {sender}, which the allowlist binds to another peer")
+        if kind == "clock":  # the time is no secret: any allowed peer may ask, before the run fingerprint is
+            # compared, since a joining peer corrects its clock before it knows whether it runs the same experiment
+            await read_payload(reader, announced, 0)
+            return {"time": self.clock()}, b""
         if header.get("run") != self.run.digest:
             keys = self.mismatched.get(sender)
             what = f"its config differs in {', '.join(keys)}" if keys else "another run fingerprint"
             self.once(f"refused client {sender} (peer {remote}): it runs another experiment ({what})")
             raise PermissionError(f"client {self.client} runs another experiment ({what})")
-        if kind == "clock":  # any allowed peer may ask for this machine's time (clock-skew diagnosis)
-            await read_payload(reader, announced, 0)
-            return {"time": self.clock()}, b""
         if sender not in self.neighbours:
             raise ValueError(f"client {sender} is not a graph neighbour of client {self.client}")
         if header.get("to") != self.client:
@@ -150,11 +152,10 @@ class ExchangeProtocol:
     # -- requesting ----------------------------------------------------------------------------------
     async def _rpc(self, rec: Record, header: dict, payload: bytes = b"", expected: int = 0) -> tuple[dict, bytes]:
         from hivemind.p2p import PeerID
-        from hivemind.utils.multiaddr import Multiaddr
 
         peer = PeerID.from_base58(rec.peer)
-        try:
-            await self.p2p._client.connect(peer, [Multiaddr(m) for m in rec.maddrs])  # libp2p reuses a live one
+        try:  # libp2p reuses a live connection; a relayed peer is reached through its /p2p-circuit address
+            await self.p2p._client.connect(peer, [dialable(m, rec.peer) for m in rec.maddrs])
         except Exception:  # noqa: BLE001 - the call below reports the failure
             pass
         _, reader, writer = await self.p2p.call_binary_stream_handler(peer, HANDLER)

@@ -11,7 +11,9 @@ node is asked to store and on every record a DHT lookup returns; it accepts a re
   check: only the owner of a peer ID can write its record, and nobody can write another's);
 - its value has exactly the schema above, with bounded sizes, ``0 <= client < train.clients`` and
   ``-1 <= round <= train.rounds`` (a record cannot claim round 1,000,000);
-- it expires at most ``record_ttl_s + CLOCK_TOLERANCE_S`` from now (a far-future expiry cannot pin it);
+- it expires at most ``record_ttl_s + CLOCK_TOLERANCE_S`` from now (a far-future expiry cannot pin it),
+  "now" being the swarm's time (:func:`declora.comm.swarm_clock.now`: this machine's clock corrected by
+  its measured offset, so a machine whose clock is off by minutes still accepts honest records);
 - with an allowlist, its peer ID is on it (and bound to its client id, where the allowlist binds one).
 """
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from declora.comm.swarm_clock import now
 from declora.errors import ConfigError
 
 CLOCK_TOLERANCE_S = 10.0  # how far ahead of this machine's clock a record's expiry may be (beyond its TTL)
@@ -152,7 +155,6 @@ def make_validator(
     from hivemind.dht.protocol import DHTProtocol
     from hivemind.dht.routing import DHTID
     from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-    from hivemind.utils import get_dht_time
 
     key_id = DHTID.generate(source=key).to_bytes()
     owner_re = RSASignatureValidator._PUBLIC_KEY_RE
@@ -177,7 +179,7 @@ def make_validator(
             rec = parse_value(DHTProtocol.serializer.loads(record.value), clients, rounds)
             if rec.peer != peer_id_of_public_key(owners[0]):
                 return self._reject(f"peer {rec.peer[:60]} is not the owner of the signing key")
-            ahead = record.expiration_time - get_dht_time() - ttl
+            ahead = record.expiration_time - now() - ttl
             if ahead > CLOCK_TOLERANCE_S:
                 return self._reject(f"peer {rec.peer}: expiry {ahead:.0f} s beyond its TTL (forged, or its clock)")
             if allowlist is not None and not allowlist.allows(rec.peer, rec.client):

@@ -46,6 +46,12 @@ class SwarmConfig:
     startup_timeout_s: float = _f(
         600.0, "runtime=swarm: seconds a peer waits at start for its graph neighbours before training without them."
     )
+    neighbour_wait_s: float = _f(
+        30.0,
+        "runtime=swarm: once a peer has found one graph neighbour at start, seconds it still waits for neighbours "
+        "not yet in the swarm before round 1 (ones still loading are waited for up to startup_timeout_s); "
+        "later ones join as newcomers. 0 = no wait.",
+    )
     record_ttl_s: float = _f(
         20.0, "runtime=swarm: lifetime of a peer's DHT record (refreshed every third): how fast a dead peer vanishes."
     )
@@ -57,6 +63,7 @@ class SwarmConfig:
             raise ConfigError(f"swarm.port={self.port} must be in 0..65535 (0 = any free port)")
         for name in ("round_timeout_s", "startup_timeout_s", "record_ttl_s", "straggler_wait_s"):
             _positive(f"swarm.{name}", getattr(self, name))
+        _positive("swarm.neighbour_wait_s", self.neighbour_wait_s, allow_zero=True)
         loopback = self.host == "localhost" or self.host.startswith("127.") or self.host == "::1"
         if not loopback and self.allowlist_file is None and not self.open:
             raise ConfigError(

@@ -1,0 +1,91 @@
+"""The swarm's clock: DHT record expiries in the swarm's time, so a peer whose clock is off still takes part.
+
+Round agreement uses only local monotonic deadlines; the one thing in the swarm that needs wall clocks to
+agree is the DHT: hivemind stamps and checks every record expiry with ``get_dht_time`` (``time.time``),
+refuses to bootstrap from a peer more than 3 s off (``MAX_DHT_TIME_DISCREPANCY_SECONDS``), and declora's
+validator caps an expiry at ``record_ttl_s + CLOCK_TOLERANCE_S`` from now.
+
+So a joining peer, once its daemon is up and before its DHT node starts, asks its bootstrap peers for their
+time (the ``clock`` request of :mod:`declora.comm.swarm_protocol`, NTP-style: of a few requests, the one
+with the shortest round trip; offset = their time - the midpoint of the request), and from then on every
+expiry this process writes or checks uses :func:`now` = this machine's clock + that offset. Peers answer
+with :func:`now` themselves, so the whole swarm keeps the first peer's time whichever peer one joins through.
+
+How it is hooked: declora runs hivemind's ``DHTNode`` in this process (not hivemind's ``DHT``, which would
+fork a child), and hivemind modules import ``get_dht_time`` by name (``from hivemind.utils import
+get_dht_time``), so :func:`set_offset` re-points that name in every loaded hivemind module. Offsets of 1 s
+or more are reported in one line; an offset that cannot be measured (the bootstrap peer is no declora peer
+of this run, or refuses) leaves the clock as it is, and a clock too far off is then named by
+:meth:`~declora.comm.swarm_net.SwarmNode.check_clocks` or the start-up error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from declora.comm.swarm_wire import REFUSED
+
+SAY_FROM_S = 1.0  # offsets at least this large are reported
+SAMPLES = 4  # clock requests per bootstrap peer
+_offset = 0.0
+
+
+def now() -> float:
+    """The swarm's time: this machine's wall clock corrected by the measured offset."""
+    return time.time() + _offset
+
+
+def offset() -> float:
+    return _offset
+
+
+def set_offset(seconds: float) -> None:
+    """Use ``seconds`` as this machine's offset for every DHT expiry from now on (see the module docstring)."""
+    global _offset
+    import hivemind.dht.node  # noqa: F401 - every module that imports get_dht_time by name is loaded
+    import hivemind.utils.auth  # noqa: F401
+
+    _offset = float(seconds)
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "hivemind" and callable(getattr(module, "get_dht_time", None)):
+            module.get_dht_time = now
+
+
+async def measure(node: Any, maddr: str) -> tuple[float, float]:
+    """(offset, round trip) against the peer at ``maddr`` (a multiaddr ending in ``/p2p/<peer ID>``)."""
+    rec = SimpleNamespace(client=-1, peer=maddr.rsplit("/p2p/", 1)[1], maddrs=(maddr,))  # what _rpc reads
+    best: tuple[float, float] | None = None
+    for _ in range(SAMPLES):
+        t0 = time.time()
+        resp, _ = await asyncio.wait_for(node._rpc(rec, node._header(0, "clock", rec.client)), 5.0)
+        t1 = time.time()
+        if REFUSED in resp:
+            raise PermissionError(str(resp[REFUSED])[:200])
+        sample = (float(resp["time"]) - (t0 + t1) / 2, t1 - t0)
+        if best is None or sample[1] < best[1]:
+            best = sample
+    assert best is not None
+    return best
+
+
+async def sync_clock(node: Any, initial_peers: list[str] | None) -> None:
+    """Measure this machine's offset against the first bootstrap peer that answers, and use it (no bootstrap
+    peers: this peer starts the swarm, and its clock is the swarm's)."""
+    for maddr in [m for m in initial_peers or [] if "/p2p/" in m]:
+        try:
+            seconds, rtt = await measure(node, maddr)
+        except Exception:  # noqa: BLE001 - not a declora peer of this run, or not up: try the next one
+            continue
+        set_offset(seconds)
+        if abs(seconds) >= SAY_FROM_S:
+            node.say(
+                f"this machine's clock is {abs(seconds):.1f} s {'behind' if seconds > 0 else 'ahead of'} the swarm's "
+                f"(peer {maddr.rsplit('/p2p/', 1)[1]}, measured to {rtt / 2:.3f} s): corrected its clock by "
+                f"{seconds:+.1f} s for the swarm's DHT; syncing it with NTP is still advised"
+            )
+        return
+    set_offset(0.0)
