@@ -96,3 +96,28 @@ def simulate(overrides: list[str], *extra: str) -> dict:
         return run(load_config(overrides=[*overrides, *extra]))
     finally:
         torch.set_num_threads(threads)
+
+
+def run_swarm(
+    out: Path, clients: int, overrides: list[str], env: dict | None = None, on_start=None, timeout: float = 150
+) -> tuple[int, str]:
+    """Run ``declora swarm`` to its end (or ``timeout``); every peer's process group is killed afterwards."""
+    full_env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | (env or {})
+    cmd = [sys.executable, "-m", "declora", "swarm", "--clients", str(clients), "--out", str(out), *overrides]
+    proc = subprocess.Popen(cmd, env=full_env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        if on_start is not None:
+            on_start(out, time.monotonic() + timeout)
+        stdout, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, stdout.decode(errors="replace")
+    finally:
+        for pid_file in [*out.glob("peer_*/pid")]:
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError, PermissionError):
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

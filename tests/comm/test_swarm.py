@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ranks import run_swarm as _swarm
 
 from declora.comm.messages import MessageRejected, encode, make_header, receive
 from declora.config import ConfigError, load_config
@@ -158,29 +159,6 @@ def test_allowlist_refuses_a_stranger_and_bad_messages_are_dropped(tmp_path: Pat
 
 
 # -- whole swarms ------------------------------------------------------------------------------------------
-def _swarm(out: Path, clients: int, overrides: list[str], env: dict | None = None, on_start=None, timeout=150):
-    """Run ``declora swarm`` to its end (or ``timeout``); every peer's process group is killed afterwards."""
-    full_env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | (env or {})
-    cmd = [sys.executable, "-m", "declora", "swarm", "--clients", str(clients), "--out", str(out), *overrides]
-    proc = subprocess.Popen(cmd, env=full_env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        if on_start is not None:
-            on_start(out, time.monotonic() + timeout)
-        stdout, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, stdout.decode(errors="replace")
-    finally:
-        for pid_file in [*out.glob("peer_*/pid")]:
-            try:
-                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError, PermissionError):
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-
-
 def _adapters(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -9,14 +9,11 @@ swarm's under clipped_gossip, while the same attack under plain gossip moves it.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ranks import run_swarm
 
 from declora.mixing.kernel import average_states, squared_distance
 
@@ -27,27 +24,6 @@ ROUNDS = 5  # the attacker knows nobody's state in round 1; flagging needs 3 cut
 # strength 50, not the default 10: a swarm attacker only knows last round's states, and at 10 it moved the
 # plain-gossip honest average only 2x the yardstick below (at 50: 200x)
 ATTACK = ["byzantine.peers=[3]", "byzantine.attack=scaled_update", "byzantine.strength=50"]
-
-
-def _swarm(out: Path, clients: int, overrides: list[str], timeout: float = 120) -> tuple[int, str]:
-    """``declora swarm`` to its end (or ``timeout``); every peer's process group is killed afterwards."""
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "declora", "swarm", "--clients", str(clients), "--out", str(out), *overrides]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        stdout, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, stdout.decode(errors="replace")
-    finally:
-        for pid_file in out.glob("peer_*/pid"):
-            try:
-                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError, PermissionError):
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
 
 
 def _honest_average(out: Path, honest: list[int]) -> dict[str, torch.Tensor]:
@@ -77,7 +53,7 @@ def test_honest_peers_name_the_attacker_and_keep_the_honest_model(tiny_overrides
     }
     summaries = {}
     for name, (clients, extra) in runs.items():
-        rc, log = _swarm(tmp_path / name, clients, [*base, *extra])
+        rc, log = run_swarm(tmp_path / name, clients, [*base, *extra], timeout=120)
         assert rc == 0, log[-3000:]
         summaries[name] = s = json.loads((tmp_path / name / "summary.json").read_text())
         assert s["exit_codes"] == {str(i): 0 for i in range(clients)}  # every peer, the attacker too, finished

@@ -10,6 +10,8 @@ namespaces cannot be made (not root, no iproute2); CI runs them as root.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -107,6 +109,11 @@ class NetSwarm:
     def rows(self, i: int) -> list[dict]:
         live = self.folder(i) / "swarm" / "live.jsonl"
         return [json.loads(r) for r in (live.read_text().splitlines() if live.is_file() else []) if r.strip()]
+
+    def until_round(self, t: int, deadline: float, peers: range | None = None) -> None:
+        """Wait (to ``deadline``, monotonic) until every peer of ``peers`` (default: all) has done round ``t``."""
+        while min(self.rounds_done(i) for i in peers or range(self.clients)) < t and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def rounds_done(self, i: int) -> int:
         live = self.folder(i) / "swarm" / "live.jsonl"
@@ -227,11 +234,9 @@ def test_a_partition_for_rounds_2_and_3_then_heal(tiny_overrides: list[str], tmp
         s = NetSwarm(hosts, tmp_path / "swarm", 4)
         s.start(overrides, env={"DECLORA_ROUND_DELAY": "2"})
         deadline = time.monotonic() + 120
-        while min(s.rounds_done(i) for i in range(4)) < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        s.until_round(1, deadline)
         hosts.partition()
-        while min(s.rounds_done(i) for i in range(4)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        s.until_round(3, deadline)
         hosts.heal()
         codes = s.wait(120)
         assert codes == {i: 0 for i in range(4)}, [s.log(i)[-2500:] for i in range(4)]
@@ -247,6 +252,28 @@ def test_a_partition_for_rounds_2_and_3_then_heal(tiny_overrides: list[str], tmp
     for i, j in [(0, 3), (1, 2), (2, 1), (3, 0)]:
         assert s.log(i).count(f"neighbour client {j} (peer") == 1, s.log(i)[-2000:]  # named once
         assert f"neighbour client {j} is back" in s.log(i)
+
+
+def test_two_peers_killed_at_once_the_others_finish(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """Ring of 5 hosts: peers 1 and 3 are SIGKILLed together (with their daemons) after round 2. Peers 0, 2, 4
+    finish; each names every dead neighbour once; 0 and 4 keep exchanging, 2 (both neighbours dead) goes alone."""
+    overrides = _base(tiny_overrides, ("train.rounds=",)) + ["train.rounds=6", "eval.clients=false"]
+    overrides += ["swarm.round_timeout_s=4", "swarm.record_ttl_s=3", "swarm.name=nsk", "swarm.straggler_wait_s=4"]
+    with Hosts(5) as hosts:
+        s = NetSwarm(hosts, tmp_path / "swarm", 5)
+        s.start(overrides, env={"DECLORA_ROUND_DELAY": "1"})
+        s.until_round(2, time.monotonic() + 120)
+        for i in (1, 3):
+            os.killpg(s.procs[i].pid, signal.SIGKILL)
+        codes = s.wait(150)
+        assert codes[0] == codes[2] == codes[4] == 0, [s.log(i)[-2500:] for i in (0, 2, 4)]
+        assert codes[1] == codes[3] == -signal.SIGKILL
+    assert not hosts.leftovers()
+    for i, dead in [(0, [1]), (2, [1, 3]), (4, [3])]:
+        for j in dead:
+            assert s.log(i).count(f"neighbour client {j} (peer") == 1, s.log(i)[-2000:]  # named once
+        last = s.rows(i)[-1]
+        assert last["round"] == 6 and last["exchanged"] == {0: [4], 2: [], 4: [0]}[i], s.rows(i)
 
 
 def test_a_peer_with_another_rank_is_refused_in_under_a_round(tiny_overrides: list[str], tmp_path: Path) -> None:
