@@ -21,10 +21,13 @@ of this run, or refuses) leaves the clock as it is, and a clock too far off is t
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from types import SimpleNamespace
 from typing import Any
+
+from declora.comm.swarm_wire import REFUSED
 
 SAY_FROM_S = 1.0  # offsets at least this large are reported
 SAMPLES = 4  # clock requests per bootstrap peer
@@ -57,7 +60,12 @@ async def measure(node: Any, maddr: str) -> tuple[float, float]:
     rec = SimpleNamespace(client=-1, peer=maddr.rsplit("/p2p/", 1)[1], maddrs=(maddr,))  # what _rpc reads
     best: tuple[float, float] | None = None
     for _ in range(SAMPLES):
-        sample = await node.clock_sample(rec)
+        t0 = time.time()
+        resp, _ = await asyncio.wait_for(node._rpc(rec, node._header(0, "clock", rec.client)), 5.0)
+        t1 = time.time()
+        if REFUSED in resp:
+            raise PermissionError(str(resp[REFUSED])[:200])
+        sample = (float(resp["time"]) - (t0 + t1) / 2, t1 - t0)
         if best is None or sample[1] < best[1]:
             best = sample
     assert best is not None
