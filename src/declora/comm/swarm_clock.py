@@ -16,7 +16,7 @@ fork a child), and hivemind modules import ``get_dht_time`` by name (``from hive
 get_dht_time``), so :func:`set_offset` re-points that name in every loaded hivemind module. Offsets of 1 s
 or more are reported in one line; an offset that cannot be measured (the bootstrap peer is no declora peer
 of this run, or refuses) leaves the clock as it is, and a clock too far off is then named by
-:meth:`~declora.comm.swarm_net.SwarmNode.check_clocks` or the start-up error.
+:func:`check_clocks` (the same ``clock`` request, asked of the peers one is connected to) or the start-up error.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 from declora.comm.swarm_wire import REFUSED
 
 SAY_FROM_S = 1.0  # offsets at least this large are reported
+CLOCK_TOLERANCE_S = 10.0  # how far ahead of this machine's clock a record's expiry may be (beyond its TTL)
 SAMPLES = 4  # clock requests per bootstrap peer
 _offset = 0.0
 
@@ -55,21 +57,51 @@ def set_offset(seconds: float) -> None:
             module.get_dht_time = now
 
 
-async def measure(node: Any, maddr: str) -> tuple[float, float]:
-    """(offset, round trip) against the peer at ``maddr`` (a multiaddr ending in ``/p2p/<peer ID>``)."""
-    rec = SimpleNamespace(client=-1, peer=maddr.rsplit("/p2p/", 1)[1], maddrs=(maddr,))  # what _rpc reads
+async def sample(node: Any, rec: Any, clock: Callable[[], float], samples: int = SAMPLES) -> tuple[float, float]:
+    """(offset, round trip) in seconds against ``rec``'s peer: of ``samples`` ``clock`` requests, the one with
+    the shortest round trip; offset = its time - the midpoint of the request on ``clock``."""
     best: tuple[float, float] | None = None
-    for _ in range(SAMPLES):
-        t0 = time.time()
+    for _ in range(samples):
+        t0 = clock()
         resp, _ = await asyncio.wait_for(node._rpc(rec, node._header(0, "clock", rec.client)), 5.0)
-        t1 = time.time()
+        t1 = clock()
         if REFUSED in resp:
             raise PermissionError(str(resp[REFUSED])[:200])
-        sample = (float(resp["time"]) - (t0 + t1) / 2, t1 - t0)
-        if best is None or sample[1] < best[1]:
-            best = sample
+        got = (float(resp["time"]) - (t0 + t1) / 2, t1 - t0)
+        if best is None or got[1] < best[1]:
+            best = got
     assert best is not None
     return best
+
+
+async def measure(node: Any, maddr: str) -> tuple[float, float]:
+    """(offset, round trip) of this machine's own clock against the peer at ``maddr`` (ending ``/p2p/<ID>``)."""
+    rec = SimpleNamespace(client=-1, peer=maddr.rsplit("/p2p/", 1)[1], maddrs=(maddr,))  # what _rpc reads
+    return await sample(node, rec, time.time)
+
+
+def check_clocks(node: Any) -> bool:
+    """Ask the peers ``node`` is connected to for their time; one line per peer whose clock is off from
+    ``node.clock`` by more than the DHT tolerates (its records would look expired or forged). True once a
+    peer answered."""
+    try:
+        peers = node.call(node.p2p.list_peers(), timeout=10)
+    except Exception:  # noqa: BLE001 - a diagnosis only
+        return False
+    answered = False
+    for info in peers[:8]:
+        rec = SimpleNamespace(client=-1, peer=info.peer_id.to_base58(), maddrs=tuple(str(m) for m in info.addrs))
+        try:
+            seconds, _ = node.call(sample(node, rec, node.clock, samples=1), timeout=10.0)
+        except Exception:  # noqa: BLE001 - not a declora peer, or not allowed: no diagnosis from it
+            continue
+        answered = True
+        if abs(seconds) > CLOCK_TOLERANCE_S:
+            node.once(
+                f"this machine's clock is {abs(seconds):.0f} s {'behind' if seconds > 0 else 'ahead of'} peer "
+                f"{rec.peer}'s; the swarm's DHT tolerates {CLOCK_TOLERANCE_S:g} s: sync both clocks (NTP)"
+            )
+    return answered
 
 
 async def sync_clock(node: Any, initial_peers: list[str] | None) -> None:

@@ -23,6 +23,7 @@ traffic) is off unless ``swarm.relay_service=true``; using relays (``use_relay``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import time
@@ -31,13 +32,12 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from declora.comm.swarm_clock import now, sync_clock
+from declora.comm.swarm_clock import check_clocks, now, sync_clock
 from declora.comm.swarm_fingerprint import Fingerprint, describe
 from declora.comm.swarm_maddr import announced, nat_options, relayed_neighbours
 from declora.comm.swarm_maddr import p2p_class as _p2p_class
 from declora.comm.swarm_protocol import HANDLER, ExchangeProtocol
 from declora.comm.swarm_records import (
-    CLOCK_TOLERANCE_S,
     Allowlist,
     Record,
     make_validator,
@@ -47,6 +47,7 @@ from declora.comm.swarm_records import (
     signature_validator,
     signing_key,
 )
+from declora.comm.swarm_rejoin import Target, ping, to_ping
 from declora.errors import PeerError
 
 __all__ = ["Allowlist", "Record", "SwarmNode", "peer_id_of", "say_to_stderr"]
@@ -95,11 +96,13 @@ class SwarmNode(ExchangeProtocol):
         self.snapshot: Any = None  # this peer's latest state, served to newcomers
         self._logged: set[str] = set()
         self.known: dict[int, str] = {}  # client id -> the last peer ID seen for it
+        self.seen: dict[int, tuple[Record, float]] = {}  # client id -> its latest record and when it expires
         self.mismatched: dict[int, list[str]] = {}  # client id -> config keys that differ from this peer's
         self.clock = now  # the swarm's time (swarm_clock: corrected at start; replaced in tests to skew it)
         self._active = 0  # requests being handled right now
         self._last_request = 0.0
         self._cache: tuple[float, dict[int, Record]] = (0.0, {})
+        self._rejoining: dict[str, asyncio.Task] = {}  # peer ID -> its ping (swarm_rejoin)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="declora-swarm", daemon=True)
 
@@ -232,6 +235,21 @@ class SwarmNode(ExchangeProtocol):
                 await self._announce()
             except Exception as err:  # noqa: BLE001 - a missed beat is retried; the record lives record_ttl_s
                 self.say(f"could not refresh this peer's DHT record ({err})")
+            with contextlib.suppress(Exception):  # tried again next beat
+                self._rejoin(await self._records())
+
+    def _rejoin(self, live: dict[int, Record]) -> None:
+        """While a neighbour is absent: look for it and the bootstrap peers (:mod:`declora.comm.swarm_rejoin`)."""
+        seen = {c: r for c, (r, _) in self.seen.items()}
+        for peer, target in to_ping(self.neighbours, live, seen, list(self.opts.initial_peers)).items():
+            if peer not in self._rejoining or self._rejoining[peer].done():
+                self._rejoining[peer] = asyncio.create_task(self._ping(peer, target))
+
+    async def _ping(self, peer: str, target: Target) -> None:
+        with contextlib.suppress(Exception):  # not answered: pinged again next beat
+            if await ping(self.p2p, self.dht, peer, target):
+                self._cache = (0.0, {})  # the other side's records are reachable now
+                await self._announce()  # and this one's reaches the other side now, not at the next beat
 
     async def _note_relayed(self) -> None:
         try:
@@ -258,10 +276,17 @@ class SwarmNode(ExchangeProtocol):
                 continue
             if rec.fp != self.run.digest:
                 self._mismatch(rec)
+                self.seen.pop(rec.client, None)  # restarted with another config: its former record is void
                 continue
             self.mismatched.pop(rec.client, None)  # restarted with this run's config
             if item.expiration_time > newest.get(rec.client, float("-inf")):  # a restarted peer's latest record
                 records[rec.client], newest[rec.client] = rec, item.expiration_time
+        for c, r in records.items():  # each client's record that expires last is its latest
+            if newest[c] >= self.seen.get(c, (r, float("-inf")))[1]:
+                self.seen[c] = (r, newest[c])
+        # a record is live until it expires, also when this read missed it: a read that times out on a node
+        # that stopped answering (a partition begins or heals) returns nothing, not the records it reached
+        records = {c: r for c, (r, expires) in self.seen.items() if expires > self.clock()}
         self.known |= {c: r.peer for c, r in records.items()}  # names peers whose records have expired
         self._cache = (time.monotonic(), records)
         return records
@@ -276,26 +301,8 @@ class SwarmNode(ExchangeProtocol):
             )
 
     def check_clocks(self) -> bool:
-        """Ask the peers this one is connected to for their time; one line per peer whose clock is off by more
-        than the DHT tolerates (its records would look expired or forged). True once a peer answered."""
-        try:
-            peers = self.call(self.p2p.list_peers(), timeout=10)
-        except Exception:  # noqa: BLE001 - a diagnosis only
-            return False
-        answered = False
-        for info in peers[:8]:
-            rec = Record(-1, info.peer_id.to_base58(), 0, tuple(str(m) for m in info.addrs))
-            try:
-                offset = self.clock_offset(rec)
-            except Exception:  # noqa: BLE001 - not a declora peer, or not allowed: no diagnosis from it
-                continue
-            answered = True
-            if abs(offset) > CLOCK_TOLERANCE_S:
-                self.once(
-                    f"this machine's clock is {abs(offset):.0f} s {'behind' if offset > 0 else 'ahead of'} peer "
-                    f"{rec.peer}'s; the swarm's DHT tolerates {CLOCK_TOLERANCE_S:g} s: sync both clocks (NTP)"
-                )
-        return answered
+        """Name each connected peer whose clock is too far off (:func:`declora.comm.swarm_clock.check_clocks`)."""
+        return check_clocks(self)
 
     def records(self) -> dict[int, Record]:
         return self.call(self._records(max_age=0.0), timeout=self.opts.round_timeout_s)

@@ -165,18 +165,6 @@ class ExchangeProtocol:
         finally:
             close(writer)
 
-    def clock_offset(self, rec: Record) -> float:
-        """How far ``rec``'s peer's clock is ahead of this machine's, in seconds (half a round trip off)."""
-
-        async def go() -> float:
-            t0 = self.clock()
-            resp, _ = await self._rpc(rec, self._header(0, "clock", rec.client))
-            if REFUSED in resp:
-                raise PeerError(f"client {rec.client} refused: {resp[REFUSED]}")
-            return float(resp["time"]) - (t0 + self.clock()) / 2
-
-        return self.call(asyncio.wait_for(go(), 5.0), timeout=10.0)
-
     def fetch_state(self, rec: Record, like: Message) -> Message:
         """A neighbour's current state (for a newcomer's start), checked like any message."""
 

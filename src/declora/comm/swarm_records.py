@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from declora.comm.swarm_clock import now
+from declora.comm.swarm_clock import CLOCK_TOLERANCE_S, now
 from declora.errors import ConfigError
 
-CLOCK_TOLERANCE_S = 10.0  # how far ahead of this machine's clock a record's expiry may be (beyond its TTL)
 MAX_MADDRS, MAX_TEXT, MAX_KEYS = 16, 256, 64
 FIELDS = {"client": int, "peer": str, "round": int, "maddrs": list, "fp": str, "keys": dict, "t": float}
 
