@@ -14,11 +14,12 @@ runtime=distributed; see :func:`poisoned`.
 without the CPU cost), so the swarm tests can let a peer join or restart while the others are still
 training.
 
-``DECLORA_FAULT_CLOCK_SKEW_S=<client>:<seconds>[,...]`` (e.g. ``1:300,2:-300``) makes the process that
-owns that client read a wall clock that far off: ``time.time`` and hivemind's ``get_dht_time`` in that
-process only (:func:`skew_clock`), as a machine whose clock is wrong would (network namespaces share one
-kernel clock, so a skew cannot be emulated otherwise). Monotonic clocks and the p2p daemon (a separate Go
-process) keep the true time. Test-only, like everything here.
+``DECLORA_FAULT_CLOCK_SKEW_S=<client>:<seconds>[@<round>][,...]`` (e.g. ``1:300,2:-300``) makes the
+process that owns that client read a wall clock that far off: ``time.time`` and hivemind's ``get_dht_time``
+in that process only (:func:`skew_clock`), as a machine whose clock is wrong would (network namespaces share
+one kernel clock, so a skew cannot be emulated otherwise). With ``@<round>`` the clock is right at start and
+*jumps* by that much when that round starts (``1:30@3``: a clock stepped after joining). Monotonic clocks and
+the p2p daemon (a separate Go process) keep the true time. Test-only, like everything here.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ POISON_ENV = "DECLORA_POISON"
 DELAY_ENV = "DECLORA_ROUND_DELAY"
 SKEW_ENV = "DECLORA_FAULT_CLOCK_SKEW_S"
 EXIT_CODE = 17
+_clock: dict = {"skew": 0.0, "jumps": {}}  # the skew in force now; round -> a jump due when it starts
 
 
 def parse(spec: str) -> tuple[int, int, str]:
@@ -54,6 +56,9 @@ def maybe_fail(local_clients: list[int], round_: int) -> None:
     delay = os.environ.get(DELAY_ENV)
     if delay:
         time.sleep(float(delay))
+    if round_ in _clock["jumps"]:
+        _clock["skew"] += _clock["jumps"].pop(round_)
+        print(f"declora: {SKEW_ENV}: the clock jumps to {_clock['skew']:+g} s at round {round_}", file=sys.stderr)
     spec = os.environ.get(ENV)
     if not spec:
         return
@@ -86,32 +91,39 @@ def poisoned(message: dict[str, torch.Tensor], client: int, round_: int) -> dict
 
 
 def skew_clock(client: int) -> float:
-    """Shift this process's wall clock if ``DECLORA_FAULT_CLOCK_SKEW_S`` names ``client``; returns the skew.
+    """Shift this process's wall clock if ``DECLORA_FAULT_CLOCK_SKEW_S`` names ``client``; returns the skew at
+    start (a jump ``@<round>`` is applied by :func:`maybe_fail` when that round starts).
 
     Replaces ``time.time`` and every loaded hivemind module's ``get_dht_time`` that is the true clock
     (hivemind binds ``get_dht_time = time.time`` at import, and imports it by name into several modules).
     """
-    skew = 0.0
+    skew, jumps = 0.0, {}
     for spec in filter(None, os.environ.get(SKEW_ENV, "").split(",")):
-        who, _, seconds = spec.partition(":")
+        who, _, rest = spec.partition(":")
+        seconds, _, at = rest.partition("@")
         try:
             value = float(seconds)
         except ValueError:
             value = float("nan")
-        if not who.strip().isdigit() or value != value or abs(value) == float("inf"):
-            raise ValueError(f"{SKEW_ENV}={spec!r}: use <client>:<seconds>[,...], e.g. 1:300,2:-300")
+        if not who.strip().isdigit() or value != value or abs(value) == float("inf") or (at and not at.isdigit()):
+            raise ValueError(f"{SKEW_ENV}={spec!r}: use <client>:<seconds>[@<round>][,...], e.g. 1:300,2:-30@3")
         if int(who) == client:
-            skew = value
-    if skew == 0.0:
+            if at:
+                jumps[int(at)] = value
+            else:
+                skew = value
+    if skew == 0.0 and not jumps:
         return 0.0
+    _clock.update(skew=skew, jumps=jumps)
     true_time = time.time
 
     def skewed() -> float:
-        return true_time() + skew
+        return true_time() + _clock["skew"]
 
     time.time = skewed
     for name, module in list(sys.modules.items()):
         if name.split(".")[0] == "hivemind" and getattr(module, "get_dht_time", None) is true_time:
             module.get_dht_time = skewed
-    print(f"declora: {SKEW_ENV}: client {client}'s clock is off by {skew:+g} s (test only)", file=sys.stderr)
+    later = "".join(f", {v:+g} s more at round {r}" for r, v in sorted(jumps.items()))
+    print(f"declora: {SKEW_ENV}: client {client}'s clock is off by {skew:+g} s{later} (test only)", file=sys.stderr)
     return skew

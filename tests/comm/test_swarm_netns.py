@@ -213,6 +213,7 @@ def test_a_peer_behind_nat_takes_part_through_a_relay(tiny_overrides: list[str],
     assert not hosts.leftovers()
     circuit = f"{s.first}/p2p-circuit/p2p/{s.ids[3]}"
     assert f"reachable through relay(s) {circuit}" in s.log(3), s.log(3)[-2000:]
+    assert f"others may join with swarm.initial_peers=[{circuit}]" in s.log(3), s.log(3)[-2000:]  # not its LAN IP
     assert "connected to neighbour client 3 through a relay" in s.log(2), s.log(2)[-2000:]
     for i, others in [(3, [0, 2]), (2, [1, 3]), (0, [1, 3])]:  # 3 mixed with each neighbour in every round
         assert [r["exchanged"] for r in s.rows(i)] == [others] * 3, s.rows(i)

@@ -117,3 +117,25 @@ def test_peers_whose_clocks_are_minutes_off_equal_the_simulation(tiny_overrides:
             assert found == [], text[-3000:]
         else:
             assert len(found) == 1 and abs(found[0] - expected) < 2, text[-3000:]
+
+
+def test_clocks_stepped_after_joining_change_nothing(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """Ring of 3 on true clocks: client 1's wall clock steps 60 s ahead when round 2 starts, client 2's 60 s
+    back when round 3 starts (DECLORA_FAULT_CLOCK_SKEW_S with @round). The swarm's time runs on the monotonic
+    clock once set, so every edge is kept and the run equals the simulation; before, the stepped peers' records
+    looked forged or expired and they were cut off."""
+    from declora.training.trainer import run
+
+    overrides = [o for o in _base(tiny_overrides) if not o.startswith("train.rounds=")] + ["train.rounds=4"]
+    sim = run(load_config(overrides=[*overrides, "train.clients=3", f"out_dir={tmp_path / 'sim'}"]))
+    env = {"DECLORA_FAULT_CLOCK_SKEW_S": "1:60@2,2:-60@3", "DECLORA_ROUND_DELAY": "1"}
+    rc, log = _swarm(
+        tmp_path / "swarm", 3, [*overrides, "swarm.round_timeout_s=60", "swarm.record_ttl_s=4"], env, timeout=240
+    )
+    assert rc == 0, log[-3000:]
+    assert "the clock jumps to +60 s at round 2" in (tmp_path / "swarm/peer_1/peer.log").read_text()
+    assert "the clock jumps to -60 s at round 3" in (tmp_path / "swarm/peer_2/peer.log").read_text()
+    summary = json.loads((tmp_path / "swarm" / "summary.json").read_text())
+    assert summary["live_per_round"] == {str(t): [0, 1, 2] for t in range(1, 5)}, summary["live_per_round"]
+    assert abs(summary["final_accuracy"] - sim["final_accuracy"]) <= 1e-5
+    assert _max_diff(tmp_path / "sim/adapters/average", tmp_path / "swarm/adapters/average") <= 1e-5

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from declora.comm.base import Communicator, Message, State, message_bytes, neighbors
+from declora.comm.swarm_clock import check_clocks
 from declora.comm.swarm_fingerprint import Fingerprint
 from declora.comm.swarm_net import Allowlist, SwarmNode, say_to_stderr
 from declora.config import Config, ConfigError
@@ -79,7 +80,9 @@ class SwarmCommunicator(Communicator):
         if allow is not None and not allow.allows(self.peer_id, self.client):
             self.say(f"warning: this peer's ID {self.peer_id} is not on swarm.allowlist_file: others will refuse it")
         atomic_write_text(self.dir / layout.SWARM_ADDRESS, "\n".join([self.peer_id, *maddrs]) + "\n")
-        join = f"swarm.initial_peers=[{maddrs[0]}]" if maddrs else "(no address: check swarm.host)"
+        # behind NAT (use_auto_relay) only the address through a relay is reachable: name that one
+        relayed = [m for m in maddrs if "/p2p-circuit" in m] if sc.use_auto_relay else []
+        join = f"swarm.initial_peers=[{(relayed or maddrs)[0]}]" if maddrs else "(no address: check swarm.host)"
         if sc.initial_peers:
             print(f"declora peer: client {self.client} is peer {self.peer_id}; others may join with {join}", flush=True)
         else:
@@ -133,7 +136,7 @@ class SwarmCommunicator(Communicator):
                 )
                 return
             if now > next_clock:
-                next_clock = float("inf") if self.node.check_clocks() else time.monotonic() + 10.0
+                next_clock = float("inf") if check_clocks(self.node) else time.monotonic() + 10.0
             if now - beat >= 30:
                 beat = now
                 self.say(f"waiting for neighbours {waiting} ({waited:.0f} s of swarm.startup_timeout_s)")

@@ -8,8 +8,11 @@ validator caps an expiry at ``record_ttl_s + CLOCK_TOLERANCE_S`` from now.
 So a joining peer, once its daemon is up and before its DHT node starts, asks its bootstrap peers for their
 time (the ``clock`` request of :mod:`declora.comm.swarm_protocol`, NTP-style: of a few requests, the one
 with the shortest round trip; offset = their time - the midpoint of the request), and from then on every
-expiry this process writes or checks uses :func:`now` = this machine's clock + that offset. Peers answer
-with :func:`now` themselves, so the whole swarm keeps the first peer's time whichever peer one joins through.
+expiry this process writes or checks uses :func:`now` = this machine's clock at that moment + that offset
++ the monotonic time since. Peers answer with :func:`now` themselves, so the whole swarm keeps the first
+peer's time whichever peer one joins through; and a wall clock stepped after joining (by hand, by NTP
+correcting a bad start) changes nothing: before, a 30 s step cut the peer off (its records looked forged,
+everyone else's expired).
 
 How it is hooked: declora runs hivemind's ``DHTNode`` in this process (not hivemind's ``DHT``, which would
 fork a child), and hivemind modules import ``get_dht_time`` by name (``from hivemind.utils import
@@ -34,11 +37,17 @@ SAY_FROM_S = 1.0  # offsets at least this large are reported
 CLOCK_TOLERANCE_S = 10.0  # how far ahead of this machine's clock a record's expiry may be (beyond its TTL)
 SAMPLES = 4  # clock requests per bootstrap peer
 _offset = 0.0
+_anchor: tuple[float, float] | None = None  # (wall, monotonic) when the offset was set: the swarm's time runs
+# on the monotonic clock from there, so a wall clock stepped later (by hand, by NTP) does not move it
 
 
 def now() -> float:
-    """The swarm's time: this machine's wall clock corrected by the measured offset."""
-    return time.time() + _offset
+    """The swarm's time: this machine's wall clock when the offset was set, corrected by the offset, plus
+    the monotonic time since (immune to the wall clock's later steps; NTP's rate corrections still apply)."""
+    global _anchor
+    if _anchor is None:
+        _anchor = (time.time(), time.monotonic())
+    return _anchor[0] + (time.monotonic() - _anchor[1]) + _offset
 
 
 def offset() -> float:
@@ -47,11 +56,11 @@ def offset() -> float:
 
 def set_offset(seconds: float) -> None:
     """Use ``seconds`` as this machine's offset for every DHT expiry from now on (see the module docstring)."""
-    global _offset
+    global _offset, _anchor
     import hivemind.dht.node  # noqa: F401 - every module that imports get_dht_time by name is loaded
     import hivemind.utils.auth  # noqa: F401
 
-    _offset = float(seconds)
+    _offset, _anchor = float(seconds), (time.time(), time.monotonic())
     for name, module in list(sys.modules.items()):
         if name.split(".")[0] == "hivemind" and callable(getattr(module, "get_dht_time", None)):
             module.get_dht_time = now

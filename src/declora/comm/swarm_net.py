@@ -32,7 +32,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from declora.comm.swarm_clock import check_clocks, now, sync_clock
+from declora.comm.swarm_clock import now, sync_clock
 from declora.comm.swarm_fingerprint import Fingerprint, describe
 from declora.comm.swarm_maddr import announced, nat_options, relayed_neighbours
 from declora.comm.swarm_maddr import p2p_class as _p2p_class
@@ -252,11 +252,9 @@ class SwarmNode(ExchangeProtocol):
                 await self._announce()  # and this one's reaches the other side now, not at the next beat
 
     async def _note_relayed(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # a diagnosis only
             for client in relayed_neighbours(await self.p2p.list_peers(), self.known, self.neighbours):
                 self.once(f"connected to neighbour client {client} through a relay")
-        except Exception:  # noqa: BLE001 - a diagnosis only
-            pass
 
     async def _records(self, max_age: float = 0.5) -> dict[int, Record]:
         """Every allowed peer's live record of this run, by client id (cached for ``max_age`` s)."""
@@ -299,10 +297,6 @@ class SwarmNode(ExchangeProtocol):
                 f"refused neighbour client {rec.client} (peer {rec.peer}): it runs another experiment, its config "
                 f"differs in {describe(keys)}; start every peer with the same config"
             )
-
-    def check_clocks(self) -> bool:
-        """Name each connected peer whose clock is too far off (:func:`declora.comm.swarm_clock.check_clocks`)."""
-        return check_clocks(self)
 
     def records(self) -> dict[int, Record]:
         return self.call(self._records(max_age=0.0), timeout=self.opts.round_timeout_s)
