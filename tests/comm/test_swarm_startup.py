@@ -137,5 +137,7 @@ def test_clocks_stepped_after_joining_change_nothing(tiny_overrides: list[str], 
     assert "the clock jumps to -60 s at round 3" in (tmp_path / "swarm/peer_2/peer.log").read_text()
     summary = json.loads((tmp_path / "swarm" / "summary.json").read_text())
     assert summary["live_per_round"] == {str(t): [0, 1, 2] for t in range(1, 5)}, summary["live_per_round"]
+    edges = summary["edges_per_round"]
+    assert all(edges[str(t)] == [[0, 1], [0, 2], [1, 2]] for t in range(1, 5)), edges
     assert abs(summary["final_accuracy"] - sim["final_accuracy"]) <= 1e-5
     assert _max_diff(tmp_path / "sim/adapters/average", tmp_path / "swarm/adapters/average") <= 1e-5
