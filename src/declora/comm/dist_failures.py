@@ -79,29 +79,41 @@ class FailureReports:
         """Neighbour ``peer`` broke an exchange: name it, unless it stopped because another peer failed.
 
         A neighbour that stopped on a failure it detected recorded that failure before exiting, so its
-        record is in the store by the time this rank sees the broken connection.
+        record is usually in the store by the time this rank sees the broken connection. A neighbour on
+        this machine that left a stop marker (it noticed a failure, or was SIGTERMed because of one) is the
+        messenger, not the failure: then this rank waits briefly for the record, or for a local peer that
+        exited without a marker, before it names anyone.
         """
         dist_safety.mark_stopping()
         reported = self._report_about(exclude=peer)
+        if reported is None and dist_safety.stopped_on_purpose(self.processes.get(peer, "")):
+            self._reported_peer(exclude=peer)  # records a local peer that exited, when nobody reported one
+            reported = self._report_about(exclude=peer)
         if reported is not None:
             return reported
         self._report(peer, "missing", " ".join(str(err).split())[:160])
         return PeerFailure(peer, self.round, self.rank, what, str(err))
 
-    def _reported_peer(self, wait_s: float = 3.0) -> int | None:
-        """A peer some rank reported as failed; polls briefly since the report may still be on its way."""
+    def _reported_peer(self, wait_s: float = 3.0, exclude: int | None = None) -> int | None:
+        """A peer some rank reported as failed; polls briefly since the report may still be on its way.
+
+        Failing that, a peer on this machine whose process exited without a stop marker: it is recorded in
+        the store, so that ranks which only see this rank stop name the same peer.
+        """
         deadline = time.monotonic() + wait_s
         try:
             while self.store is not None:
                 for peer in range(self.num_clients):
-                    if peer != self.rank and self.store.check([f"failed/{peer}"]):
+                    if peer not in (self.rank, exclude) and self.store.check([f"failed/{peer}"]):
                         return peer
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
         except Exception:  # noqa: BLE001
             pass
-        dead = dist_safety.exited(self.processes)  # nobody reported it: a peer on this machine that exited
+        dead = [r for r in dist_safety.exited(self.processes) if r != exclude]
+        if dead:
+            self._report(dead[0], "missing", "its process exited")
         return dead[0] if dead else None
 
     def _collective_failed(self, what: str, err: Exception) -> PeerError:

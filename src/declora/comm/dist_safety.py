@@ -139,6 +139,15 @@ def mark_stopping(clear: bool = False) -> None:
         pass
 
 
+def stopped_on_purpose(where: str) -> bool:
+    """Whether the process ``where`` (a :func:`this_process` string) on this machine left a stop marker.
+
+    False for a process on another machine (it cannot be checked from here).
+    """
+    name, _, pid = where.rpartition(" ")
+    return name == socket.gethostname() and pid.isdigit() and os.path.exists(_marker(pid))
+
+
 def exited(peers: dict[int, str]) -> list[int]:
     """Ranks in ``peers`` (rank -> :func:`this_process` string) on this machine whose process has exited.
 
@@ -150,15 +159,17 @@ def exited(peers: dict[int, str]) -> list[int]:
     dead = []
     for rank, where in sorted(peers.items()):
         name, _, pid = where.rpartition(" ")
-        if name != host or not pid.isdigit() or os.path.exists(_marker(pid)):
+        if name != host or not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/stat", encoding="ascii") as f:
                 state = f.read().rpartition(")")[2].split()[0]
         except (OSError, IndexError):
-            dead.append(rank)  # gone (already reaped)
-            continue
-        if state in ("Z", "X"):
+            state = "gone"  # already reaped
+        # the marker is looked at only once the process is known to be dead: it is written before the
+        # process exits, so it is there by now if it ever will be (looking first left a window in which a
+        # peer stopping on purpose wrote its marker and exited between the two looks, and was blamed)
+        if state in ("Z", "X", "gone") and not stopped_on_purpose(where):
             dead.append(rank)
     return dead
 
