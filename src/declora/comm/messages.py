@@ -18,7 +18,6 @@ caller logs it and treats the edge as failed for that round. Used by the swarm r
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -75,22 +74,6 @@ def encode(message: Message) -> bytes:
     return b"".join(
         message[n].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for n in sorted(message)
     )
-
-
-def header_bytes(header: dict[str, Any]) -> bytes:
-    return json.dumps(header, separators=(",", ":")).encode()
-
-
-def parse_header(raw: bytes) -> dict[str, Any]:
-    """Decode a header; a malformed one raises :class:`MessageRejected` (sender unknown)."""
-    try:
-        header = json.loads(raw.decode())
-        if not isinstance(header, dict) or header.get("v") != HEADER_VERSION:
-            raise ValueError("unknown header version")
-        int(header["sender"]), int(header["round"])
-        return header
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise MessageRejected("?", 0, f"malformed header ({err})") from None
 
 
 def check_finite(state: Message) -> list[str]:
