@@ -190,6 +190,12 @@ def test_dry_run_prints_the_commands_and_a_bad_override_stops_first(
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("declora train ") for line in lines)
     assert lines[0].endswith("out_dir=o/mini/ring")
+    # --only narrows the dry run too; a name that is no run stops (it would have run nothing)
+    assert main(["reproduce", "mini", "--recipes", str(recipes), "--dry-run", "--out", "o", "--only", "ring"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == lines[:1]
+    assert main(["reproduce", "mini", "--recipes", str(recipes), "--out", "o", "--only", "rong"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("declora: error: --only 'rong': no run is called that; the runs: 'ring'")
     recipe = recipes / "mini.yaml"
     recipe.write_text(recipe.read_text().replace("topology.kind=ring", "topology.kind=rong"))
     assert main(["reproduce", "mini", "--recipes", str(recipes), "--out", str(tmp_path / "o")]) == 2

@@ -122,7 +122,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
 
-    from declora.experiments.reproduce import find_experiment, list_experiments, run_experiment, validate, write_report
+    from declora.experiments.reproduce import (
+        check_only,
+        find_experiment,
+        list_experiments,
+        run_experiment,
+        select_runs,
+        validate,
+        write_report,
+    )
 
     recipes = Path(args.recipes) if args.recipes else None
     if args.list or not args.experiments:
@@ -131,6 +139,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return 0
     names = [e.name for e in list_experiments(recipes)] if args.experiments == ["all"] else args.experiments
     out = Path(args.out)
+    check_only([find_experiment(n, recipes) for n in names], args.only)
     if not args.dry_run:
         from declora.rundir.protect import check_writable
 
@@ -152,7 +161,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         exp = find_experiment(name, recipes)
         if args.dry_run:
             validate(exp, args.scale, out)
-            for run in exp.runs:
+            for run in select_runs(exp, args.only):
                 print(shlex.join(exp.command(run, args.scale, out)))
             continue
         if args.report_only:

@@ -187,6 +187,20 @@ def _launch(cmd: list[str], log: Path, threads: int | None) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
+def select_runs(exp: Experiment, only: list[str] | None) -> list[RunSpec]:
+    """The runs of ``exp`` that ``--only`` names (by name, folder name or group); all of them without it."""
+    return [r for r in exp.runs if not only or r.name in only or r.slug in only or r.group in only]
+
+
+def check_only(exps: list[Experiment], only: list[str] | None) -> None:
+    """Stop on an ``--only`` name that is no run of ``exps`` (it would silently run nothing)."""
+    known = {key for e in exps for r in e.runs for key in (r.name, r.slug, r.group) if key}
+    unknown = [name for name in only or [] if name not in known]
+    if unknown:
+        names = ", ".join(repr(r.name) for e in exps for r in e.runs)
+        raise ConfigError(f"--only {unknown[0]!r}: no run is called that; the runs: {names}")
+
+
 def run_experiment(
     exp: Experiment, scale: str, out: Path, *, jobs: int = 1, only: list[str] | None = None, force: bool = False
 ) -> Path:
@@ -198,8 +212,7 @@ def run_experiment(
     if scale not in SCALES:
         raise ConfigError(f"--scale {scale}: use one of {', '.join(SCALES)}")
     validate(exp, scale, out)
-    selected = [r for r in exp.runs if not only or r.name in only or r.slug in only or r.group in only]
-    todo = [r for r in selected if force or not (out / exp.name / r.slug / DONE).is_file()]
+    todo = [r for r in select_runs(exp, only) if force or not (out / exp.name / r.slug / DONE).is_file()]
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     running: list[tuple[RunSpec, subprocess.Popen, float]] = []
     failed: list[str] = []
