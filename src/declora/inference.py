@@ -163,6 +163,9 @@ def evaluate_run(
     from declora.data.validation import load_split, read_split
     from declora.evaluation.evaluate import evaluate, length_sorted
 
+    for name, value in (("max_examples", max_examples), ("batch_size", batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}={value} must be >= 1 (None: the run's own)")
     lr = loaded or load_run(run_dir, adapter)
     cfg = lr.cfg if data_path is None else replace(lr.cfg, data=replace(lr.cfg.data, path=str(data_path)))
     name, cap = _split_and_cap(cfg, split, data_path, max_examples)

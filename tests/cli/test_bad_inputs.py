@@ -86,6 +86,16 @@ PATHS = [
     ("predict blank text", ["predict", "{tmp}/no_run", "--text", "ok", "--text", "  "], 2, ["--text number 2"]),
     ("predict no file", ["predict", "{tmp}/no_run", "--file", "/nonexistent"], 2, ["--file /nonexistent"]),
     ("predict empty file", ["predict", "{tmp}/no_run", "--file", "{tmp}/blank.txt"], 2, ["blank.txt", "no text"]),
+    # flags of the tools name themselves, never the dotted option behind them; counts below 1 stop first
+    ("eval --batch-size 0", ["eval", "{tmp}/no_run", "--batch-size", "0"], 2, ["--batch-size=0"]),
+    ("eval --max-examples", ["eval", "{tmp}/no_run", "--max-examples", "-5"], 2, ["--max-examples=-5"]),
+    ("generate no tokens", ["generate", "{tmp}/no_run", "--prompt", "hi", "--max-new-tokens", "0"], 2, ["--max-new"]),
+    ("topology --clients", ["topology", "ring", "--clients", "0"], 2, ["--clients=0"]),
+    ("topology KIND", ["topology", "rong", "--clients", "4"], 2, ["KIND 'rong' is not one of ring"]),
+    ("topology --p", ["topology", "erdos_renyi", "--clients", "4", "--p", "1.5"], 2, ["--p=1.5"]),
+    ("topology --precision", ["topology", "ring", "--clients", "4", "--precision", "-1"], 2, ["--precision=-1"]),
+    ("reproduce --jobs 0", ["reproduce", "privacy", "--jobs", "0", "--out", "{tmp}/r"], 2, ["--jobs 0"]),
+    ("reproduce --scale", ["reproduce", "privacy", "--scale", "gpu", "--dry-run"], 2, ["--scale gpu", "cpu, paper"]),
 ]
 
 CONFIG = [

@@ -17,15 +17,38 @@ import json
 from pathlib import Path
 from typing import Any
 
-from declora.errors import ConfigError
+from declora.errors import ConfigError, DecloraError
 from declora.quiet import quiet_libraries
+
+# what `declora eval`'s errors would name as dotted options, and the flag that sets each
+_EVAL_FLAGS = {
+    "data.max_eval_examples": "--max-examples",
+    "eval.batch_size": "--batch-size",
+    "data.path=": "--data-path ",
+    "data.path": "--data-path",
+    "data.train_split/data.eval_split": "--split",
+}
+
+
+def check_counts(**flags: int | None) -> None:
+    """Stop on a count flag (``max_examples=...`` for ``--max-examples``) below 1, before anything loads."""
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag}={value}: give 1 or more, or leave {flag} out for its default")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from declora.cli.tools import flag_hints
+
+    check_counts(max_examples=args.max_examples, batch_size=args.batch_size)
     from declora.inference import evaluate_run
 
     quiet_libraries()
-    res = evaluate_run(args.run_dir, args.adapter, args.split, args.data_path, args.max_examples, args.batch_size)
+    try:
+        res = evaluate_run(args.run_dir, args.adapter, args.split, args.data_path, args.max_examples, args.batch_size)
+    except DecloraError as err:
+        raise type(err)(flag_hints(str(err), _EVAL_FLAGS)) from None
     if args.json:
         print(json.dumps(res))
     else:
@@ -92,6 +115,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    check_counts(max_new_tokens=args.max_new_tokens)
     from declora.evaluation.causal import generate_from_run
 
     quiet_libraries()

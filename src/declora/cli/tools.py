@@ -17,10 +17,20 @@ from typing import Any
 from declora.errors import ConfigError, DecloraError
 
 
+# `declora topology` takes flags, not dotted options: its errors name the flag.
 def cmd_topology(args: argparse.Namespace) -> int:
+    try:
+        return _topology(args)
+    except DecloraError as err:
+        raise type(err)(flag_hints(str(err), _TOPOLOGY_FLAGS)) from None
+
+
+def _topology(args: argparse.Namespace) -> int:
     from declora.config import TopologyConfig
     from declora.mixing.topology import Topology, draw_topology
 
+    if args.precision < 0:
+        raise ConfigError(f"--precision={args.precision}: give a number of decimals >= 0")
     options = {"kind": args.kind, "mixing": args.mixing, "p": args.p, "rows": args.rows, "edges_file": args.edges_file}
     try:
         t = TopologyConfig(**options, seed=args.seed)
@@ -43,7 +53,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     try:
         return _partition(args)
     except DecloraError as err:
-        raise type(err)(partition_flag_hints(str(err))) from None
+        raise type(err)(flag_hints(str(err), _PARTITION_FLAGS)) from None
 
 
 def _partition_name(p: Any) -> str:
@@ -123,6 +133,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from declora.experiments.reproduce import (
+        SCALES,
         check_only,
         find_experiment,
         list_experiments,
@@ -138,6 +149,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             print(f"{e.name:<18} {len(e.runs):>2} runs  {e.title}")
         return 0
     names = [e.name for e in list_experiments(recipes)] if args.experiments == ["all"] else args.experiments
+    if args.scale not in SCALES:
+        raise ConfigError(f"--scale {args.scale}: use one of {', '.join(SCALES)}")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: give the number of runs at once, 1 or more")
     out = Path(args.out)
     check_only([find_experiment(n, recipes) for n in names], args.only)
     if not args.dry_run:
@@ -189,9 +204,23 @@ _PARTITION_FLAGS = {
 }
 
 
-def partition_flag_hints(message: str) -> str:
-    """``message`` with each dotted option replaced by the ``declora partition`` flag that sets it."""
-    for option, flag in _PARTITION_FLAGS.items():
+# `declora topology`'s, likewise (its KIND is the positional argument).
+_TOPOLOGY_FLAGS = {
+    "topology.kind=": "KIND ",
+    "topology.kind": "KIND",
+    "topology.mixing": "--mixing",
+    "topology.p": "--p",
+    "topology.rows": "--rows",
+    "topology.edges_file": "--edges-file",
+    "topology.seed": "--seed",
+    "train.seed": "--seed",
+    "train.clients": "--clients",
+}
+
+
+def flag_hints(message: str, flags: dict[str, str]) -> str:
+    """``message`` with each dotted option replaced by the command-line flag that sets it."""
+    for option, flag in flags.items():
         message = message.replace(option, flag)
     return message
 

@@ -211,6 +211,8 @@ def run_experiment(
     """
     if scale not in SCALES:
         raise ConfigError(f"--scale {scale}: use one of {', '.join(SCALES)}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: give the number of runs at once, 1 or more")
     validate(exp, scale, out)
     todo = [r for r in select_runs(exp, only) if force or not (out / exp.name / r.slug / DONE).is_file()]
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
