@@ -94,6 +94,10 @@ PATHS = [
     ("topology KIND", ["topology", "rong", "--clients", "4"], 2, ["KIND 'rong' is not one of ring"]),
     ("topology --p", ["topology", "erdos_renyi", "--clients", "4", "--p", "1.5"], 2, ["--p=1.5"]),
     ("topology --precision", ["topology", "ring", "--clients", "4", "--precision", "-1"], 2, ["--precision=-1"]),
+    ("identity in /proc", ["peer", "--print-id", "swarm.identity_path=/proc/x/key"], 2, ["swarm.identity_path=/proc"]),
+    ("identity folder", ["peer", "--print-id", "swarm.identity_path={tmp}"], 2, ["is a folder", "identity.key"]),
+    ("identity no key", ["peer", "--print-id", "swarm.identity_path={tmp}/blank.txt"], 2, ["not a libp2p identity"]),
+    ("peer identity", ["peer", "swarm.identity_path={tmp}/blank.txt", "out_dir={tmp}/p"], 2, ["blank.txt is not a"]),
     ("reproduce --jobs 0", ["reproduce", "privacy", "--jobs", "0", "--out", "{tmp}/r"], 2, ["--jobs 0"]),
     ("reproduce --scale", ["reproduce", "privacy", "--scale", "gpu", "--dry-run"], 2, ["--scale gpu", "cpu, paper"]),
 ]

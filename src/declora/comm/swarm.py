@@ -44,6 +44,7 @@ from declora.comm.base import Communicator, Message, State, message_bytes, neigh
 from declora.comm.swarm_clock import check_clocks
 from declora.comm.swarm_fingerprint import Fingerprint
 from declora.comm.swarm_net import Allowlist, SwarmNode, say_to_stderr
+from declora.comm.swarm_records import check_identity
 from declora.config import Config, ConfigError
 from declora.fault_injection import poisoned, skew_clock
 from declora.mixing.kernel import average_states
@@ -71,6 +72,7 @@ class SwarmCommunicator(Communicator):
         self.graph = neighbors(W, self.client)
         allow = Allowlist.load(sc.allowlist_file) if sc.allowlist_file else None
         identity = Path(sc.identity_path).expanduser() if sc.identity_path else self.dir / layout.SWARM_IDENTITY
+        check_identity(identity, "swarm.identity_path" if sc.identity_path else "out_dir (its swarm/identity.key)")
         identity.parent.mkdir(parents=True, exist_ok=True)
         self.run = Fingerprint.of(cfg)
         rounds = cfg.train.rounds

@@ -79,10 +79,39 @@ class Allowlist:
         return bound is None or client is None or bound == client
 
 
-def peer_id_of(identity_path: str | Path) -> str:
+def check_identity(identity_path: str | Path, option: str = "swarm.identity_path") -> None:
+    """Stop unless ``identity_path`` is an identity key this peer can read, or a file it can create.
+
+    Raises:
+        ConfigError: one line naming ``option``: a folder, an unreadable file, a file that is no libp2p
+            private key, or a place where no file can be created.
+    """
+    from hivemind.p2p import PeerID
+
+    from declora.rundir.protect import check_writable
+
+    path = Path(identity_path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{option}={path} is a folder; give the key file, e.g. {option}={path / 'identity.key'}")
+    if not path.exists():
+        check_writable(path, option, folder=False)
+        return
+    try:
+        PeerID.from_identity(path.read_bytes())
+    except OSError as err:
+        raise ConfigError(f"{option}={path}: cannot read it ({err.strerror})") from None
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends: not a key
+        raise ConfigError(
+            f"{option}={path} is not a libp2p identity key; point it at the key this peer was given its ID with, "
+            "or at a file that does not exist yet (a new key is made there)"
+        ) from None
+
+
+def peer_id_of(identity_path: str | Path, option: str = "swarm.identity_path") -> str:
     """The peer ID (base58) of an identity key file, creating the file if it does not exist."""
     from hivemind.p2p import P2P, PeerID
 
+    check_identity(identity_path, option)
     path = Path(identity_path).expanduser()
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,8 @@ def print_peer_id(config: str | None, overrides: list[str]) -> str:
         if sc.identity_path
         else layout.swarm_dir(cfg.out_dir) / layout.SWARM_IDENTITY
     )
-    line = f"{peer_id_of(path)} {sc.client_id}"
+    option = "swarm.identity_path" if sc.identity_path else "out_dir (its swarm/identity.key)"
+    line = f"{peer_id_of(path, option)} {sc.client_id}"
     print(line, flush=True)
     return line
 
