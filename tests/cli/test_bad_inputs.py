@@ -98,6 +98,8 @@ PATHS = [
     ("identity folder", ["peer", "--print-id", "swarm.identity_path={tmp}"], 2, ["is a folder", "identity.key"]),
     ("identity no key", ["peer", "--print-id", "swarm.identity_path={tmp}/blank.txt"], 2, ["not a libp2p identity"]),
     ("peer identity", ["peer", "swarm.identity_path={tmp}/blank.txt", "out_dir={tmp}/p"], 2, ["blank.txt is not a"]),
+    ("config a list", ["train", "--config", "{tmp}/list.yaml"], 2, ["--config", "list.yaml: holds a list"]),
+    ("config not yaml", ["train", "--config", "{tmp}/bad.yaml"], 2, ["--config", "not valid YAML at line 2"]),
     ("reproduce --jobs 0", ["reproduce", "privacy", "--jobs", "0", "--out", "{tmp}/r"], 2, ["--jobs 0"]),
     ("reproduce --scale", ["reproduce", "privacy", "--scale", "gpu", "--dry-run"], 2, ["--scale gpu", "cpu, paper"]),
 ]
@@ -133,6 +135,7 @@ def bad_files(tmp_path: Path) -> Path:
     _write(tmp_path / "bad.yaml", "- {rounds: 1, offline: [0\n")
     _write(tmp_path / "bad.csv", "rounds,offline\n1,0\n2\n")
     _write(tmp_path / "peer.csv", "rounds,offline\n1,99\n")
+    _write(tmp_path / "list.yaml", "- train.rounds=3\n")
     return tmp_path
 
 

@@ -41,9 +41,7 @@ def load_config(
         if isinstance(path, (dict, Config)):
             layers.append(_layer(path))
         elif path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"--config {path}: no such file")
-            layers.append(OmegaConf.load(path))
+            layers.append(_file_layer(path))
         if isinstance(overrides, dict):
             layers.append(_layer(overrides))
             overrides = []
@@ -67,6 +65,33 @@ def load_config(
         return OmegaConf.to_object(merged)  # type: ignore[return-value]  # runs every __post_init__
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from None
+
+
+def _file_layer(path: str | Path) -> Any:
+    """The OmegaConf layer of a ``--config`` file: YAML whose top level maps sections to options.
+
+    Raises:
+        ConfigError: one line naming ``--config`` and the file: missing, unreadable, not valid YAML (with the
+            line), or a list or a bare value at the top.
+    """
+    import yaml
+
+    if not Path(path).is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path}: cannot be read as UTF-8 text ({err}); give a YAML file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ConfigError(f"--config {path}: not valid YAML{where} ({problem}); fix the file") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(
+            f"--config {path}: holds a {type(raw).__name__}, not options by section; write e.g. 'train: {{rounds: 3}}'"
+        )
+    return OmegaConf.load(path)
 
 
 def _layer(values: dict[str, Any] | Config) -> Any:
