@@ -100,6 +100,10 @@ PATHS = [
     ("peer identity", ["peer", "swarm.identity_path={tmp}/blank.txt", "out_dir={tmp}/p"], 2, ["blank.txt is not a"]),
     ("config a list", ["train", "--config", "{tmp}/list.yaml"], 2, ["--config", "list.yaml: holds a list"]),
     ("config not yaml", ["train", "--config", "{tmp}/bad.yaml"], 2, ["--config", "not valid YAML at line 2"]),
+    ("topology --plot", ["topology", "ring", "--clients", "4", "--plot", "/proc/x.png"], 2, ["--plot /proc/x.png"]),
+    ("partition --plot", ["partition", "iid", "--clients", "2", "--plot", "/proc/x.png"], 2, ["--plot /proc/x.png"]),
+    ("compare --csv", ["compare", "{tmp}/no_run", "--csv", "/proc/x.csv"], 2, ["--csv /proc/x.csv"]),
+    ("compare --plot", ["compare", "{tmp}/no_run", "--plot", "{tmp}"], 2, ["--plot", "is a folder, not a file"]),
     ("reproduce --jobs 0", ["reproduce", "privacy", "--jobs", "0", "--out", "{tmp}/r"], 2, ["--jobs 0"]),
     ("reproduce --scale", ["reproduce", "privacy", "--scale", "gpu", "--dry-run"], 2, ["--scale gpu", "cpu, paper"]),
 ]

@@ -17,6 +17,15 @@ from typing import Any
 from declora.errors import ConfigError, DecloraError
 
 
+def check_outputs(**files: str | None) -> None:
+    """Stop before any work when an output file flag (``plot=...`` for ``--plot``) cannot be written."""
+    from declora.rundir.protect import check_writable
+
+    for name, path in files.items():
+        if path is not None:
+            check_writable(path, "--" + name.replace("_", "-"), folder=False)
+
+
 # `declora topology` takes flags, not dotted options: its errors name the flag.
 def cmd_topology(args: argparse.Namespace) -> int:
     try:
@@ -29,6 +38,7 @@ def _topology(args: argparse.Namespace) -> int:
     from declora.config import TopologyConfig
     from declora.mixing.topology import Topology, draw_topology
 
+    check_outputs(plot=args.plot)
     if args.precision < 0:
         raise ConfigError(f"--precision={args.precision}: give a number of decimals >= 0")
     options = {"kind": args.kind, "mixing": args.mixing, "p": args.p, "rows": args.rows, "edges_file": args.edges_file}
@@ -69,6 +79,7 @@ def _partition(args: argparse.Namespace) -> int:
     from declora.data.loading import load_train_labels
     from declora.partition import partition_counts, partitioner_from_config, plot_partition
 
+    check_outputs(plot=args.plot)
     overrides = [f"partition.kind={args.kind}", f"train.clients={args.clients}", f"data.task={args.task}"]
     for key, value in (
         ("partition.alpha", args.alpha),
@@ -115,6 +126,7 @@ def _partition(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from declora.experiments.compare import differences, markdown_table, plot_compare, read_run, write_csv
 
+    check_outputs(csv=args.csv, plot=args.plot)
     runs = [read_run(d) for d in args.run_dirs]
     for warning in differences(runs):  # settings that make the numbers incomparable
         print(f"declora: warning: {warning}", file=sys.stderr)
