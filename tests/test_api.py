@@ -93,6 +93,10 @@ def test_load_config_accepts_nested_dotted_and_mixed_dicts() -> None:
     # train()'s forms: positional config, sections as keywords, dotted keywords; later wins
     cfg = declora.resolve_config(["train.clients=4"], train={"rounds": 2}, **{"train.clients": 6, "peft.r": 2})
     assert (cfg.train.clients, cfg.train.rounds, cfg.peft.r) == (6, 2, 2)
+    # config= by keyword is the config (no option has that name), as a user of the documented name writes it
+    assert declora.resolve_config(config={"train.clients": 3}, out_dir="x").train.clients == 3
+    with pytest.raises(ConfigError, match="config is given twice"):
+        declora.train({"train.clients": 2}, config={"train.clients": 3})
 
 
 def test_train_with_a_list_a_dict_and_a_yaml_file_equals_the_cli(

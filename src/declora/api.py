@@ -42,7 +42,7 @@ def _dotted(values: list[str]) -> dict[str, Any]:
     return out
 
 
-def resolve_config(config: Any = None, **overrides: Any) -> Config:
+def resolve_config(config: Any = None, /, **overrides: Any) -> Config:
     """The validated :class:`~declora.config.Config` that :func:`train` would run.
 
     Args:
@@ -53,6 +53,10 @@ def resolve_config(config: Any = None, **overrides: Any) -> Config:
     """
     from declora.config import Config, load_config
 
+    if "config" in overrides:  # config=... by keyword: no option is called that, so it is the config itself
+        if config is not None:
+            raise ConfigError("config is given twice (positionally and as config=): give it once")
+        config = overrides.pop("config")
     if isinstance(config, (list, tuple)):
         config, overrides = None, _dotted(list(config)) | overrides
     elif config is not None and not isinstance(config, (str, Path, dict, Config)):
