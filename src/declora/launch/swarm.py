@@ -105,6 +105,8 @@ def parse_late(specs: list[str] | None, clients: int) -> dict[int, int]:
         who, _, when = spec.partition("@")
         if not (who.isdigit() and when.isdigit() and 0 < int(who) < clients and int(when) >= 1):
             raise ConfigError(f"--late {spec}: use PEER@ROUND with 0 < PEER < {clients} and ROUND >= 1")
+        if int(who) in late:
+            raise ConfigError(f"--late {spec}: peer {who} is already late (--late {who}@{late[int(who)]}); give one")
         late[int(who)] = int(when)
     return late
 
@@ -134,6 +136,9 @@ def launch_swarm(
     cfg = load_config(config, ["runtime=swarm", f"train.clients={clients}", *overrides])  # fail before forking
     if cfg.train.clients != clients:
         raise ConfigError(f"--clients={clients} but train.clients={cfg.train.clients}: drop the override")
+    for peer, round_ in (late or {}).items():
+        if round_ > cfg.train.rounds:
+            raise ConfigError(f"--late {peer}@{round_}: the run has train.rounds={cfg.train.rounds}; join by then")
     base.mkdir(parents=True, exist_ok=True)
     ids = {i: peer_id_of(layout.swarm_dir(layout.peer_dir(base, i)) / layout.SWARM_IDENTITY) for i in range(clients)}
     allow = base / layout.SWARM_ALLOWLIST
