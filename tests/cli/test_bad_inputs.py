@@ -105,7 +105,6 @@ PATHS = [
     ("compare --csv", ["compare", "{tmp}/no_run", "--csv", "/proc/x.csv"], 2, ["--csv /proc/x.csv"]),
     ("compare --plot", ["compare", "{tmp}/no_run", "--plot", "{tmp}"], 2, ["--plot", "is a folder, not a file"]),
     ("swarm --late twice", ["swarm", "--clients", "3", "--late", "1@2", "--late", "1@3"], 2, ["already late"]),
-    ("swarm --late after", ["swarm", "--clients", "3", "--late", "1@9", "train.rounds=3"], 2, ["train.rounds=3"]),
     ("reproduce --jobs 0", ["reproduce", "privacy", "--jobs", "0", "--out", "{tmp}/r"], 2, ["--jobs 0"]),
     ("reproduce --scale", ["reproduce", "privacy", "--scale", "gpu", "--dry-run"], 2, ["--scale gpu", "cpu, paper"]),
 ]

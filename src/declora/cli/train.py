@@ -182,7 +182,10 @@ def add_train_commands(sub: Any) -> None:
         "--out", default=None, help="folder for peer_<i>/ run dirs and the summary (runs/<time>-swarm); or out_dir="
     )
     p.add_argument(
-        "--late", action="append", metavar="PEER@ROUND", help="start PEER only once the swarm is in ROUND (a newcomer)"
+        "--late",
+        action="append",
+        metavar="PEER@ROUND",
+        help="start PEER only once the swarm is in ROUND (a newcomer; a ROUND past the last: a peer that never comes)",
     )
     p.add_argument("overrides", nargs="*", help="dotted overrides for every peer, e.g. train.rounds=3")
     p.set_defaults(func=cmd_swarm)

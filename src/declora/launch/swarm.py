@@ -136,9 +136,6 @@ def launch_swarm(
     cfg = load_config(config, ["runtime=swarm", f"train.clients={clients}", *overrides])  # fail before forking
     if cfg.train.clients != clients:
         raise ConfigError(f"--clients={clients} but train.clients={cfg.train.clients}: drop the override")
-    for peer, round_ in (late or {}).items():
-        if round_ > cfg.train.rounds:
-            raise ConfigError(f"--late {peer}@{round_}: the run has train.rounds={cfg.train.rounds}; join by then")
     base.mkdir(parents=True, exist_ok=True)
     ids = {i: peer_id_of(layout.swarm_dir(layout.peer_dir(base, i)) / layout.SWARM_IDENTITY) for i in range(clients)}
     allow = base / layout.SWARM_ALLOWLIST
