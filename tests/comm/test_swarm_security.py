@@ -115,8 +115,11 @@ def _stranger_call(node: SwarmNode, stranger: SwarmNode, header: dict, payload_s
 
         _, reader, writer = await stranger.p2p.call_binary_stream_handler(PeerID.from_base58(node.peer_id), HANDLER)
         raw = json.dumps(header).encode()
-        writer.write(len(raw).to_bytes(4, "big") + raw + payload_size.to_bytes(8, "big"))
-        await writer.drain()
+        try:
+            writer.write(len(raw).to_bytes(4, "big") + raw + payload_size.to_bytes(8, "big"))
+            await writer.drain()
+        except ConnectionError:  # refused (stream reset) before the header was flushed: a refusal too
+            pass
         answer = None
         try:  # a peer that reads the payload first would answer only after it: then this times out
             answer = (await asyncio.wait_for(read_frame(reader, 0), 5))[0]
