@@ -145,8 +145,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from declora.experiments.reproduce import (
-        SCALES,
         check_only,
+        check_run_options,
         find_experiment,
         list_experiments,
         run_experiment,
@@ -161,12 +161,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             print(f"{e.name:<18} {len(e.runs):>2} runs  {e.title}")
         return 0
     names = [e.name for e in list_experiments(recipes)] if args.experiments == ["all"] else args.experiments
-    if args.scale not in SCALES:
-        raise ConfigError(f"--scale {args.scale}: use one of {', '.join(SCALES)}")
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs {args.jobs}: give the number of runs at once, 1 or more")
+    check_run_options(args.scale, args.jobs)  # also for --dry-run, --report-only and --page
     out = Path(args.out)
-    check_only([find_experiment(n, recipes) for n in names], args.only)
+    exps = [find_experiment(n, recipes) for n in names]
+    check_only(exps, args.only)
     if not args.dry_run:
         from declora.rundir.protect import check_writable
 
@@ -180,12 +178,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             f"by `declora reproduce EXPERIMENT ... --scale {args.scale} --out {args.out} --page {args.page}` (each "
             f"call rewrites only its experiments' sections). Accuracies are in percent."
         )
-        exps = [find_experiment(n, recipes) for n in names]
         page = collect(exps, args.scale, out, Path(args.page), intro, title=f"# Results ({args.scale} scale)")
         print(f"wrote {page}")
         return 0
-    for name in names:
-        exp = find_experiment(name, recipes)
+    for exp in exps:
         if args.dry_run:
             validate(exp, args.scale, out)
             for run in select_runs(exp, args.only):

@@ -187,6 +187,14 @@ def _launch(cmd: list[str], log: Path, threads: int | None) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
+def check_run_options(scale: str, jobs: int) -> None:
+    """Stop on a ``--scale`` that is none of :data:`SCALES`, or ``--jobs`` below 1 (no run could ever start)."""
+    if scale not in SCALES:
+        raise ConfigError(f"--scale {scale}: use one of {', '.join(SCALES)}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: give the number of runs at once, 1 or more")
+
+
 def select_runs(exp: Experiment, only: list[str] | None) -> list[RunSpec]:
     """The runs of ``exp`` that ``--only`` names (by name, folder name or group); all of them without it."""
     return [r for r in exp.runs if not only or r.name in only or r.slug in only or r.group in only]
@@ -209,10 +217,7 @@ def run_experiment(
     Returns:
         The path of ``results.md``.
     """
-    if scale not in SCALES:
-        raise ConfigError(f"--scale {scale}: use one of {', '.join(SCALES)}")
-    if jobs < 1:
-        raise ConfigError(f"--jobs {jobs}: give the number of runs at once, 1 or more")
+    check_run_options(scale, jobs)
     validate(exp, scale, out)
     todo = [r for r in select_runs(exp, only) if force or not (out / exp.name / r.slug / DONE).is_file()]
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
