@@ -34,7 +34,6 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,7 +43,7 @@ from declora.comm.base import Communicator, Message, State, message_bytes, neigh
 from declora.comm.swarm_clock import check_clocks
 from declora.comm.swarm_fingerprint import Fingerprint
 from declora.comm.swarm_net import Allowlist, SwarmNode, say_to_stderr
-from declora.comm.swarm_records import check_identity
+from declora.comm.swarm_records import check_identity, identity_file
 from declora.config import Config, ConfigError
 from declora.fault_injection import poisoned, skew_clock
 from declora.mixing.kernel import average_states
@@ -71,8 +70,8 @@ class SwarmCommunicator(Communicator):
         W = Topology.from_config(cfg.topology, workers, cfg.train.seed).W if workers > 1 else np.eye(1)
         self.graph = neighbors(W, self.client)
         allow = Allowlist.load(sc.allowlist_file) if sc.allowlist_file else None
-        identity = Path(sc.identity_path).expanduser() if sc.identity_path else self.dir / layout.SWARM_IDENTITY
-        check_identity(identity, "swarm.identity_path" if sc.identity_path else "out_dir (its swarm/identity.key)")
+        identity, option = identity_file(sc.identity_path, cfg.out_dir)
+        check_identity(identity, option)
         identity.parent.mkdir(parents=True, exist_ok=True)
         self.run = Fingerprint.of(cfg)
         rounds = cfg.train.rounds

@@ -29,6 +29,8 @@ from typing import Any
 
 from declora.comm.swarm_clock import CLOCK_TOLERANCE_S, now
 from declora.errors import ConfigError
+from declora.rundir import layout
+from declora.rundir.protect import check_writable
 
 MAX_MADDRS, MAX_TEXT, MAX_KEYS = 16, 256, 64
 FIELDS = {"client": int, "peer": str, "round": int, "maddrs": list, "fp": str, "keys": dict, "t": float}
@@ -79,6 +81,14 @@ class Allowlist:
         return bound is None or client is None or bound == client
 
 
+def identity_file(identity_path: str | None, out_dir: str | Path) -> tuple[Path, str]:
+    """A peer's identity key file and the option that names it in messages: ``swarm.identity_path`` (``~``
+    expanded), else ``<out_dir>/swarm/identity.key``."""
+    if identity_path:
+        return Path(identity_path).expanduser(), "swarm.identity_path"
+    return layout.swarm_dir(out_dir) / layout.SWARM_IDENTITY, "out_dir (its swarm/identity.key)"
+
+
 def check_identity(identity_path: str | Path, option: str = "swarm.identity_path") -> None:
     """Stop unless ``identity_path`` is an identity key this peer can read, or a file it can create.
 
@@ -87,8 +97,6 @@ def check_identity(identity_path: str | Path, option: str = "swarm.identity_path
             private key, or a place where no file can be created.
     """
     from hivemind.p2p import PeerID
-
-    from declora.rundir.protect import check_writable
 
     path = Path(identity_path).expanduser()
     if path.is_dir():

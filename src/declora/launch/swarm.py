@@ -56,7 +56,7 @@ def run_peer(config: str | None, overrides: list[str]) -> dict[str, Any]:
 def print_peer_id(config: str | None, overrides: list[str]) -> str:
     """``declora peer --print-id``: this peer's allowlist line ``PEER_ID CLIENT_ID`` (the identity key is
     created if it does not exist: at ``swarm.identity_path``, ``~`` expanded, or ``<out_dir>/swarm/identity.key``)."""
-    from declora.comm.swarm_records import peer_id_of
+    from declora.comm.swarm_records import identity_file, peer_id_of
 
     cfg = load_config(config, ["runtime=swarm", *overrides, "swarm.open=true"])  # no allowlist yet: that is why
     sc = cfg.swarm
@@ -64,13 +64,7 @@ def print_peer_id(config: str | None, overrides: list[str]) -> str:
         raise ConfigError(
             "--print-id needs swarm.identity_path=FILE or out_dir=DIR: the same one the peer will be started with"
         )
-    path = (
-        Path(sc.identity_path).expanduser()
-        if sc.identity_path
-        else layout.swarm_dir(cfg.out_dir) / layout.SWARM_IDENTITY
-    )
-    option = "swarm.identity_path" if sc.identity_path else "out_dir (its swarm/identity.key)"
-    line = f"{peer_id_of(path, option)} {sc.client_id}"
+    line = f"{peer_id_of(*identity_file(sc.identity_path, cfg.out_dir))} {sc.client_id}"
     print(line, flush=True)
     return line
 
