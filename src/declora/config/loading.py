@@ -79,7 +79,8 @@ def _file_layer(path: str | Path) -> Any:
     if not Path(path).is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)  # only to see the top level: OmegaConf takes a bare word for a key
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"--config {path}: cannot be read as UTF-8 text ({err}); give a YAML file") from None
     except yaml.YAMLError as err:
@@ -91,7 +92,7 @@ def _file_layer(path: str | Path) -> Any:
         raise ConfigError(
             f"--config {path}: holds a {type(raw).__name__}, not options by section; write e.g. 'train: {{rounds: 3}}'"
         )
-    return OmegaConf.load(path)
+    return OmegaConf.create(text)  # OmegaConf's own YAML loader (e.g. 1e-5 is a float), on the text read once
 
 
 def _layer(values: dict[str, Any] | Config) -> Any:
