@@ -10,6 +10,17 @@ import time
 from pathlib import Path
 
 
+def _publish(out: str, result: dict) -> None:
+    """Write ``result`` to ``out`` atomically: the test kills this process whenever the swarm is done, and a
+    kill between ``write_text``'s truncate and its write left an empty file (seen once in CI)."""
+    import json
+    import os
+
+    tmp = f"{out}.tmp"
+    Path(tmp).write_text(json.dumps(result))
+    os.replace(tmp, out)
+
+
 def stranger(target: str, host: str, key: str, seconds: float, out: str) -> None:
     """A peer on no allowlist that, for ``seconds``: stores records naming every peer it meets (round 1,000,000,
     far-future expiry, old and owner-key subkeys, its own signature), and sends each a 100 MB request and a
@@ -66,13 +77,13 @@ def stranger(target: str, host: str, key: str, seconds: float, out: str) -> None
                     flooded.add(pid)
                     result["answers"].append([pid, await flood(p2p, info.peer_id, 1, 100 << 20, 1)])
                     result["answers"].append([pid, await flood(p2p, info.peer_id, 1, 0, 200_000)])
-            Path(out).write_text(json.dumps(result))
+            _publish(out, result)
             await asyncio.sleep(1.0)
         await dht.shutdown()
         await p2p.shutdown()
         return result
 
-    Path(out).write_text(json.dumps(asyncio.run(main())))
+    _publish(out, asyncio.run(main()))
 
 
 if __name__ == "__main__":

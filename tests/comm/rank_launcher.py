@@ -59,8 +59,10 @@ def main() -> None:
         pid, status = os.wait()
         rank = ranks.pop(pid)
         code = os.waitstatus_to_exitcode(status)
-        with open(os.path.join(logdir, f"rank_{rank}.rc"), "w") as f:
+        rc = os.path.join(logdir, f"rank_{rank}.rc")
+        with open(rc + ".tmp", "w") as f:  # then renamed: the caller counts rc files and may kill us at once
             f.write(f"{code} {time.time()}\n")
+        os.replace(rc + ".tmp", rc)
         if agent and code != 0:  # torchrun's agent: one worker failed -> SIGTERM the others
             agent = False
             for other in ranks:
